@@ -1,0 +1,263 @@
+// Fused CPU kernels of the guidance-combine family (see guidance.h).
+//
+// Passes over memory:
+//   * CFG / PAG without rescale: one pass (each input read once, the output written once).
+//   * rescale or CFG-Zero*: pass 1 reads the inputs once and writes per-chunk moments
+//     (a few floats per 4096 elements); pass 2 recomputes the combination and writes the output.
+// Arithmetic is in at::opmath_type<T> (fp32 for fp16/bf16/fp32, fp64 for fp64 inputs).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "guidance.h"
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace fastguide {
+namespace {
+
+// Elements per moments partial. Each chunk is summed, then centred on its own mean in a second
+// sweep while it is still in L1/L2,
+// so no E[x^2] - E[x]^2 cancellation ever happens; chunks are merged with the exact
+// mean-correction formula in a fixed order (deterministic, no atomics).
+constexpr int64_t kChunk = 4096;
+// Partial layout: n, sum(u), sum(d), sum(e), then the centred co-moments of (u, d, e)
+// with d = c - u and e = c - p: M_uu, M_ud, M_ue, M_dd, M_de, M_ee.
+constexpr int kStats = 10;
+
+template <typename acc_t>
+struct Coef {
+  acc_t alpha, s1, s2, f;
+};
+
+template <typename acc_t>
+acc_t scale_at(const c10::optional<at::Tensor>& t, const float* data, double fallback, int64_t b) {
+  if (!t.has_value()) return static_cast<acc_t>(fallback);
+  return static_cast<acc_t>(data[t->dim() == 0 ? 0 : b]);
+}
+
+// Pass 1: moments of one chunk [lo, hi) of one sample. `omp simd reduction` lets the compiler
+// vectorise the sums (lane-wise partial sums, like a pairwise sum) without -ffast-math.
+template <typename T, typename acc_t, bool HAS_P>
+void chunk_moments(const T* c, const T* u, const T* p, int64_t lo, int64_t hi, float* out) {
+  acc_t su = 0, sd = 0, se = 0;
+#pragma omp simd reduction(+ : su, sd, se)
+  for (int64_t i = lo; i < hi; ++i) {
+    const acc_t cv = c[i], uv = u[i];
+    su += uv;
+    sd += cv - uv;
+    if constexpr (HAS_P) se += cv - static_cast<acc_t>(p[i]);
+  }
+  const acc_t n = static_cast<acc_t>(hi - lo);
+  const acc_t mu = su / n, md = sd / n, me = se / n;
+  acc_t m0 = 0, m1 = 0, m2 = 0, m3 = 0, m4 = 0, m5 = 0;
+#pragma omp simd reduction(+ : m0, m1, m2, m3, m4, m5)
+  for (int64_t i = lo; i < hi; ++i) {
+    const acc_t cv = c[i], uv = u[i];
+    const acc_t xu = uv - mu, xd = (cv - uv) - md;
+    m0 += xu * xu;
+    m1 += xu * xd;
+    m3 += xd * xd;
+    if constexpr (HAS_P) {
+      const acc_t xe = (cv - static_cast<acc_t>(p[i])) - me;
+      m2 += xu * xe;
+      m4 += xd * xe;
+      m5 += xe * xe;
+    }
+  }
+  const acc_t stats[kStats] = {n, su, sd, se, m0, m1, m2, m3, m4, m5};
+  for (int k = 0; k < kStats; ++k) out[k] = static_cast<float>(stats[k]);
+}
+
+// Merge a sample's chunk partials and turn them into the combine coefficients.
+// g = w_u u + w_d d + w_e e, so var(g) = w^T M w; c = u + d, so var(c) = M_uu + 2 M_ud + M_dd.
+template <typename acc_t>
+void finalize(const float* part, int64_t nchunks, bool zero_star, bool original, double rescale,
+              Coef<acc_t>& k) {
+  acc_t N = 0, S[3] = {};
+  for (int64_t q = 0; q < nchunks; ++q) {
+    const float* pq = part + q * kStats;
+    N += pq[0];
+    for (int v = 0; v < 3; ++v) S[v] += pq[1 + v];
+  }
+  const acc_t mean[3] = {S[0] / N, S[1] / N, S[2] / N};
+  acc_t M[6] = {};
+  static constexpr int kI[6] = {0, 0, 0, 1, 1, 2}, kJ[6] = {0, 1, 2, 1, 2, 2};
+  for (int64_t q = 0; q < nchunks; ++q) {
+    const float* pq = part + q * kStats;
+    const acc_t n = pq[0];
+    acc_t dm[3];
+    for (int v = 0; v < 3; ++v) dm[v] = static_cast<acc_t>(pq[1 + v]) / n - mean[v];
+    for (int t = 0; t < 6; ++t) M[t] += static_cast<acc_t>(pq[4 + t]) + n * dm[kI[t]] * dm[kJ[t]];
+  }
+  const acc_t Muu = M[0], Mud = M[1], Mue = M[2], Mdd = M[3], Mde = M[4], Mee = M[5];
+  k.alpha = 1;
+  if (zero_star) {
+    // diffusers' cfg_zero_star_scale: <c,u> / (|u|^2 + 1e-8), raw (uncentred) sums.
+    const acc_t uu = Muu + N * mean[0] * mean[0];
+    const acc_t cu = uu + Mud + N * mean[0] * mean[1];
+    k.alpha = cu / (uu + static_cast<acc_t>(1e-8));
+  }
+  k.f = 1;
+  if (rescale > 0) {
+    const acc_t a = k.alpha, s1 = k.s1, s2 = k.s2;
+    const acc_t wu = original ? 1 + s1 * (1 - a) : a + s1 * (1 - a);
+    const acc_t wd = original ? 1 + s1 : s1;
+    const acc_t we = s2;
+    const acc_t Mgg = wu * wu * Muu + wd * wd * Mdd + we * we * Mee +
+                      2 * (wu * wd * Mud + wu * we * Mue + wd * we * Mde);
+    const acc_t Mcc = Muu + 2 * Mud + Mdd;
+    // diffusers divides by std(g) unguarded and returns NaN/inf when it is 0 (issue #13425);
+    // a constant guided prediction has nothing to rescale, so it is returned unchanged.
+    if (N > 1 && Mgg > 0) {
+      const acc_t r = static_cast<acc_t>(rescale);
+      k.f = r * std::sqrt(std::max(Mcc, acc_t(0)) / Mgg) + (1 - r);
+    }
+  }
+}
+
+// Pass 2 (or the only pass): out = f * (base + s1 * (c - alpha u) + s2 * (c - p)), written in
+// diffusers' operation order so that alpha = f = 1 reproduces its fp32 result bit for bit.
+template <typename T, typename acc_t, bool HAS_P>
+void combine_range(const T* c, const T* u, const T* p, T* out, int64_t lo, int64_t hi,
+                   const Coef<acc_t>& k, bool original) {
+  const acc_t a = k.alpha, s1 = k.s1, s2 = k.s2, f = k.f;
+  if (original) {
+#pragma omp simd
+    for (int64_t i = lo; i < hi; ++i) {
+      acc_t cv = c[i], ua = static_cast<acc_t>(u[i]) * a;
+      acc_t r = cv + s1 * (cv - ua);
+      if constexpr (HAS_P) r = r + s2 * (cv - static_cast<acc_t>(p[i]));
+      out[i] = static_cast<T>(r * f);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t i = lo; i < hi; ++i) {
+      acc_t cv = c[i], ua = static_cast<acc_t>(u[i]) * a;
+      acc_t r = ua + s1 * (cv - ua);
+      if constexpr (HAS_P) r = r + s2 * (cv - static_cast<acc_t>(p[i]));
+      out[i] = static_cast<T>(r * f);
+    }
+  }
+}
+
+template <typename T, bool HAS_P>
+void guide_kernel(const at::Tensor& cond, const at::Tensor& uncond, const at::Tensor& pert,
+                  const c10::optional<at::Tensor>& s1_t, double s1, const c10::optional<at::Tensor>& s2_t,
+                  double s2, double rescale, bool original, bool zero_star, at::Tensor& out) {
+  using acc_t = at::opmath_type<T>;
+  const int64_t B = cond.size(0);
+  const int64_t N = B == 0 ? 0 : cond.numel() / B;
+  const T* c = cond.const_data_ptr<T>();
+  const T* u = uncond.const_data_ptr<T>();
+  const T* p = HAS_P ? pert.const_data_ptr<T>() : nullptr;
+  T* o = out.mutable_data_ptr<T>();
+  if (B == 0 || N == 0) return;
+
+  at::Tensor s1f = s1_t.has_value() ? s1_t->to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor s2f = s2_t.has_value() ? s2_t->to(at::kFloat).contiguous() : at::Tensor();
+  std::vector<Coef<acc_t>> coef(B);
+  for (int64_t b = 0; b < B; ++b) {
+    coef[b].alpha = 1;
+    coef[b].f = 1;
+    coef[b].s1 = scale_at<acc_t>(s1_t, s1_t ? s1f.const_data_ptr<float>() : nullptr, s1, b);
+    coef[b].s2 = HAS_P ? scale_at<acc_t>(s2_t, s2_t ? s2f.const_data_ptr<float>() : nullptr, s2, b) : 0;
+  }
+
+  if (zero_star || rescale > 0) {
+    const int64_t nchunks = (N + kChunk - 1) / kChunk;
+    std::vector<float> part(B * nchunks * kStats);
+    at::parallel_for(0, B * nchunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t b = t / nchunks, q = t % nchunks;
+        const int64_t lo = b * N + q * kChunk, hi = std::min(lo + kChunk, (b + 1) * N);
+        chunk_moments<T, acc_t, HAS_P>(c, u, p, lo, hi, part.data() + t * kStats);
+      }
+    });
+    for (int64_t b = 0; b < B; ++b)
+      finalize<acc_t>(part.data() + b * nchunks * kStats, nchunks, zero_star, original, rescale, coef[b]);
+  }
+
+  // One flat parallel loop over all elements; a range may straddle samples.
+  at::parallel_for(0, B * N, 32768, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end;) {
+      const int64_t b = i / N, stop = std::min(end, (b + 1) * N);
+      combine_range<T, acc_t, HAS_P>(c, u, p, o, i, stop, coef[b], original);
+      i = stop;
+    }
+  });
+}
+
+void check_inputs(const char* op, const at::Tensor& cond, const at::Tensor& other, const char* name) {
+  TORCH_CHECK(cond.is_floating_point(), "fastguide.", op, ": cond must be a floating tensor, got ",
+              cond.scalar_type());
+  TORCH_CHECK(cond.dim() >= 2, "fastguide.", op, ": cond must have >= 2 dims (batch first), got shape ",
+              cond.sizes());
+  TORCH_CHECK(other.sizes() == cond.sizes(), "fastguide.", op, ": ", name, " must have cond's shape ",
+              cond.sizes(), ", got ", other.sizes());
+  TORCH_CHECK(other.scalar_type() == cond.scalar_type(), "fastguide.", op, ": ", name,
+              " must have cond's dtype ", cond.scalar_type(), ", got ", other.scalar_type());
+  TORCH_CHECK(other.device() == cond.device(), "fastguide.", op, ": ", name, " must be on cond's device ",
+              cond.device(), ", got ", other.device());
+}
+
+void check_scale(const char* op, const c10::optional<at::Tensor>& t, const char* name, const at::Tensor& cond) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->dim() == 0 || (t->dim() == 1 && t->size(0) == cond.size(0)), "fastguide.", op, ": ", name,
+              " must be 0-d or of shape [", cond.size(0), "], got ", t->sizes());
+  TORCH_CHECK(t->device() == cond.device(), "fastguide.", op, ": ", name, " must be on cond's device ",
+              cond.device(), ", got ", t->device());
+}
+
+at::Tensor guide_cpu(const char* op, const at::Tensor& cond, const at::Tensor& uncond,
+                     const c10::optional<at::Tensor>& perturbed, const c10::optional<at::Tensor>& s1_t,
+                     double s1, const c10::optional<at::Tensor>& s2_t, double s2, double rescale, bool original,
+                     bool zero_star) {
+  check_inputs(op, cond, uncond, "uncond");
+  if (perturbed.has_value()) check_inputs(op, cond, *perturbed, "perturbed");
+  check_scale(op, s1_t, "scale", cond);
+  check_scale(op, s2_t, "pag_scale", cond);
+  // Kernels index flat memory: non-contiguous inputs are packed once here.
+  const at::Tensor c = cond.contiguous(), u = uncond.contiguous();
+  const at::Tensor p = perturbed.has_value() ? perturbed->contiguous() : at::Tensor();
+  at::Tensor out = at::empty(cond.sizes(), cond.options().memory_format(at::MemoryFormat::Contiguous));
+  if (poison_outputs()) out.fill_(std::numeric_limits<double>::quiet_NaN());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cond.scalar_type(), "fastguide_guide", [&] {
+    if (p.defined())
+      guide_kernel<scalar_t, true>(c, u, p, s1_t, s1, s2_t, s2, rescale, original, zero_star, out);
+    else
+      guide_kernel<scalar_t, false>(c, u, p, s1_t, s1, s2_t, s2, rescale, original, zero_star, out);
+  });
+  return out;
+}
+
+at::Tensor cfg_cpu(const at::Tensor& cond, const at::Tensor& uncond, const c10::optional<at::Tensor>& scale_t,
+                   double scale, double rescale, bool original) {
+  return guide_cpu("cfg", cond, uncond, c10::nullopt, scale_t, scale, c10::nullopt, 0.0, rescale, original, false);
+}
+
+at::Tensor pag_cpu(const at::Tensor& cond, const at::Tensor& uncond, const at::Tensor& perturbed,
+                   const c10::optional<at::Tensor>& scale_t, double scale, const c10::optional<at::Tensor>& pag_t,
+                   double pag_scale, double rescale, bool original) {
+  return guide_cpu("pag", cond, uncond, perturbed, scale_t, scale, pag_t, pag_scale, rescale, original, false);
+}
+
+at::Tensor cfg_zero_star_cpu(const at::Tensor& cond, const at::Tensor& uncond,
+                             const c10::optional<at::Tensor>& scale_t, double scale, double rescale, bool original) {
+  return guide_cpu("cfg_zero_star", cond, uncond, c10::nullopt, scale_t, scale, c10::nullopt, 0.0, rescale,
+                   original, true);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastguide, CPU, m) {
+  m.impl("cfg", &cfg_cpu);
+  m.impl("pag", &pag_cpu);
+  m.impl("cfg_zero_star", &cfg_zero_star_cpu);
+}
+
+}  // namespace fastguide

@@ -1,0 +1,94 @@
+"""Packaging contract: schemas, backends report, fallbacks, the README commands and CI, the benchmark CLI."""
+import csv
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastguide
+from fastguide import bench, ops
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_cpp_schemas_equal_python_fallback_schemas():
+    if ops.CPU_BACKEND is None:
+        pytest.fail(f"C++ extension did not load: {ops.CPU_ERROR}")
+    from fastguide import _C
+    assert tuple(_C.schemas) == ops.SCHEMAS
+    for name in ops.OPS:
+        assert str(getattr(torch.ops.fastguide, name).default._schema) == f"fastguide::{ops.SCHEMAS[ops.OPS.index(name)]}"
+
+
+def test_triton_kernels_install_inside_fastguide():
+    import fastguide.kernels
+    assert fastguide.kernels.__name__ == "fastguide.kernels"
+    assert os.path.realpath(os.path.dirname(fastguide.kernels.__file__)) == os.path.join(ROOT, "kernels")
+
+
+def test_info_lists_every_op_and_backend():
+    out = subprocess.run([sys.executable, "-m", "fastguide", "info"], capture_output=True, text=True, check=True).stdout
+    for name in ops.OPS:
+        assert re.search(rf"^  {name}$", out, re.M)
+    assert "C++ (fastguide._C)" in out and "Triton" in out
+
+
+FALLBACK_SCRIPT = r"""
+import sys, warnings
+sys.modules["fastguide._C"] = None   # extension missing
+sys.modules["triton"] = None         # triton missing
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    import torch, fastguide
+    import fastguide.ops
+n_warn = sum("C++ extension unavailable" in str(x.message) for x in w)
+c, u = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+ref = u.double() + 4.0 * (c.double() - u.double())
+err = (fastguide.cfg(c, u, 4.0).double() - ref).abs().max().item()
+b = fastguide.backends()["cfg"]
+print(n_warn, err < 1e-5, b["cpu"].startswith("PyTorch eager fallback"), b["cuda"].startswith("PyTorch eager fallback"))
+"""
+
+
+def test_import_without_extension_or_triton_falls_back_and_warns_once():
+    out = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONWARNINGS": "default"}).stdout.split()
+    assert out == ["1", "True", "True", "True"]
+
+
+def _readme_commands():
+    text = open(os.path.join(ROOT, "README.md")).read()
+    section = text.split("## Set-up on a fresh machine", 1)[1].split("\n## ", 1)[0]
+    return [line.strip() for line in section.splitlines() if line.startswith("    ")]
+
+
+def test_readme_has_two_setup_commands_and_ci_runs_the_test_one():
+    cmds = _readme_commands()
+    assert len(cmds) == 2
+    assert cmds[0].endswith("fastguide bench") and cmds[1].endswith("python -m pytest -q tests")
+    ci = open(os.path.join(ROOT, ".ci", "run")).read().splitlines()
+    assert cmds[1] in ci
+
+
+@pytest.mark.parametrize("case,n", [("cfg", 3), ("cfg_rescale", 3), ("pag", 4), ("cfg_zero_star", 3)])
+def test_bench_floor_bytes(case, n):
+    """Floor = each input read once + the output written once."""
+    assert bench.CASES[case].bytes_moved(1000, 2) == n * 1000 * 2
+
+
+def test_bench_quick_cfg_writes_csv(tmp_path, capsys):
+    path = tmp_path / "out.csv"
+    assert bench.main(["--quick", "--ops", "cfg", "--impls", "fastguide,diffusers,eager,floor",
+                       "--csv", str(path)]) == 0
+    table = capsys.readouterr().out
+    assert "cfg" in table and "%floor" in table
+    rows = list(csv.DictReader(open(path)))
+    assert len(rows) == 1
+    r = rows[0]
+    for col in ("device", "torch", "triton", "diffusers", "fastguide_rev", "date", "dtype", "dims",
+                "fastguide_us", "diffusers_us", "eager_us", "floor_us", "pct_floor", "x_diffusers"):
+        assert r[col], col
+    assert r["dims"] == "2x4x128x128" and float(r["fastguide_us"]) > 0
