@@ -11,7 +11,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "guidance.h"
+#include "common.h"
 
 #include <cmath>
 #include <limits>
@@ -34,16 +34,11 @@ struct Coef {
   acc_t alpha, s1, s2, f;
 };
 
-template <typename acc_t>
-acc_t scale_at(const c10::optional<at::Tensor>& t, const float* data, double fallback, int64_t b) {
-  if (!t.has_value()) return static_cast<acc_t>(fallback);
-  return static_cast<acc_t>(data[t->dim() == 0 ? 0 : b]);
-}
-
 // Pass 1: moments of one chunk [lo, hi) of one sample. `omp simd reduction` lets the compiler
 // vectorise the sums (lane-wise partial sums, like a pairwise sum) without -ffast-math.
 template <typename T, typename acc_t, bool HAS_P>
-void chunk_moments(const T* c, const T* u, const T* p, int64_t lo, int64_t hi, float* out) {
+void chunk_moments(const T* __restrict__ c, const T* __restrict__ u, const T* __restrict__ p, int64_t lo, int64_t hi,
+                   float* out) {
   acc_t su = 0, sd = 0, se = 0;
 #pragma omp simd reduction(+ : su, sd, se)
   for (int64_t i = lo; i < hi; ++i) {
@@ -123,7 +118,8 @@ void finalize(const float* part, int64_t nchunks, bool zero_star, bool original,
 // Pass 2 (or the only pass): out = f * (base + s1 * (c - alpha u) + s2 * (c - p)), written in
 // diffusers' operation order so that alpha = f = 1 reproduces its fp32 result bit for bit.
 template <typename T, typename acc_t, bool HAS_P>
-void combine_range(const T* c, const T* u, const T* p, T* out, int64_t lo, int64_t hi,
+void combine_range(const T* __restrict__ c, const T* __restrict__ u, const T* __restrict__ p, T* __restrict__ out,
+                   int64_t lo, int64_t hi,
                    const Coef<acc_t>& k, bool original) {
   const acc_t a = k.alpha, s1 = k.s1, s2 = k.s2, f = k.f;
   if (original) {
@@ -158,15 +154,9 @@ void guide_kernel(const at::Tensor& cond, const at::Tensor& uncond, const at::Te
   T* o = out.mutable_data_ptr<T>();
   if (B == 0 || N == 0) return;
 
-  at::Tensor s1f = s1_t.has_value() ? s1_t->to(at::kFloat).contiguous() : at::Tensor();
-  at::Tensor s2f = s2_t.has_value() ? s2_t->to(at::kFloat).contiguous() : at::Tensor();
+  const std::vector<float> sv1 = scale_values(s1_t, s1, B), sv2 = scale_values(s2_t, s2, B);
   std::vector<Coef<acc_t>> coef(B);
-  for (int64_t b = 0; b < B; ++b) {
-    coef[b].alpha = 1;
-    coef[b].f = 1;
-    coef[b].s1 = scale_at<acc_t>(s1_t, s1_t ? s1f.const_data_ptr<float>() : nullptr, s1, b);
-    coef[b].s2 = HAS_P ? scale_at<acc_t>(s2_t, s2_t ? s2f.const_data_ptr<float>() : nullptr, s2, b) : 0;
-  }
+  for (int64_t b = 0; b < B; ++b) coef[b] = {acc_t(1), acc_t(sv1[b]), HAS_P ? acc_t(sv2[b]) : acc_t(0), acc_t(1)};
 
   if (zero_star || rescale > 0) {
     const int64_t nchunks = (N + kChunk - 1) / kChunk;
@@ -192,27 +182,6 @@ void guide_kernel(const at::Tensor& cond, const at::Tensor& uncond, const at::Te
   });
 }
 
-void check_inputs(const char* op, const at::Tensor& cond, const at::Tensor& other, const char* name) {
-  TORCH_CHECK(cond.is_floating_point(), "fastguide.", op, ": cond must be a floating tensor, got ",
-              cond.scalar_type());
-  TORCH_CHECK(cond.dim() >= 2, "fastguide.", op, ": cond must have >= 2 dims (batch first), got shape ",
-              cond.sizes());
-  TORCH_CHECK(other.sizes() == cond.sizes(), "fastguide.", op, ": ", name, " must have cond's shape ",
-              cond.sizes(), ", got ", other.sizes());
-  TORCH_CHECK(other.scalar_type() == cond.scalar_type(), "fastguide.", op, ": ", name,
-              " must have cond's dtype ", cond.scalar_type(), ", got ", other.scalar_type());
-  TORCH_CHECK(other.device() == cond.device(), "fastguide.", op, ": ", name, " must be on cond's device ",
-              cond.device(), ", got ", other.device());
-}
-
-void check_scale(const char* op, const c10::optional<at::Tensor>& t, const char* name, const at::Tensor& cond) {
-  if (!t.has_value()) return;
-  TORCH_CHECK(t->dim() == 0 || (t->dim() == 1 && t->size(0) == cond.size(0)), "fastguide.", op, ": ", name,
-              " must be 0-d or of shape [", cond.size(0), "], got ", t->sizes());
-  TORCH_CHECK(t->device() == cond.device(), "fastguide.", op, ": ", name, " must be on cond's device ",
-              cond.device(), ", got ", t->device());
-}
-
 at::Tensor guide_cpu(const char* op, const at::Tensor& cond, const at::Tensor& uncond,
                      const c10::optional<at::Tensor>& perturbed, const c10::optional<at::Tensor>& s1_t,
                      double s1, const c10::optional<at::Tensor>& s2_t, double s2, double rescale, bool original,
@@ -224,8 +193,7 @@ at::Tensor guide_cpu(const char* op, const at::Tensor& cond, const at::Tensor& u
   // Kernels index flat memory: non-contiguous inputs are packed once here.
   const at::Tensor c = cond.contiguous(), u = uncond.contiguous();
   const at::Tensor p = perturbed.has_value() ? perturbed->contiguous() : at::Tensor();
-  at::Tensor out = at::empty(cond.sizes(), cond.options().memory_format(at::MemoryFormat::Contiguous));
-  if (poison_outputs()) out.fill_(std::numeric_limits<double>::quiet_NaN());
+  at::Tensor out = new_output(cond);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cond.scalar_type(), "fastguide_guide", [&] {
     if (p.defined())
       guide_kernel<scalar_t, true>(c, u, p, s1_t, s1, s2_t, s2, rescale, original, zero_star, out);

@@ -5,7 +5,8 @@
 
 `python -m fastguide info` lists which backend serves each op.
 """
-from .ops import backends, cfg, cfg_zero_star, pag
+from .ops import GuidanceStats, MomentumBuffer, apg, backends, cfg, cfg_zero_star, guidance_stats, pag, rescale
 
 __version__ = "0.1.0"
-__all__ = ["backends", "cfg", "cfg_zero_star", "pag", "__version__"]
+__all__ = ["GuidanceStats", "MomentumBuffer", "apg", "backends", "cfg", "cfg_zero_star", "guidance_stats", "pag",
+           "rescale", "__version__"]

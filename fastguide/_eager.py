@@ -53,3 +53,44 @@ def pag(cond, uncond, perturbed, scale_t, scale, pag_scale_t, pag_scale, rescale
 
 def cfg_zero_star(cond, uncond, scale_t, scale, rescale, original):
     return guide(cond, uncond, None, scale_t, scale, None, 0.0, rescale, original, True)
+
+
+def apg(cond, uncond, scale_t, scale, eta, norm_threshold, momentum, momentum_buffer, group_size, original):
+    """diffusers' normalized_guidance on contiguous groups of `group_size` elements, in fp32."""
+    acc = _acc(cond)
+    c = cond.to(acc).reshape(-1, group_size)
+    u = uncond.to(acc).reshape(-1, group_size)
+    m = c - u
+    if momentum_buffer is not None:
+        stored = (m + momentum * momentum_buffer.to(acc).reshape(m.shape)).to(cond.dtype)
+        momentum_buffer.copy_(stored.view(momentum_buffer.shape))
+        m = stored.to(acc)
+    k = torch.ones((m.shape[0], 1), dtype=acc, device=m.device)
+    if norm_threshold > 0:
+        k = torch.clamp(norm_threshold / m.norm(dim=1, keepdim=True), max=1.0)
+    nc = c.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    beta = k * (m * c).sum(1, keepdim=True) / (nc * nc)
+    if scale_t is None:
+        s = scale
+    else:
+        s = scale_t.to(acc)
+        if s.dim() == 1:  # one scale per sample; groups never straddle samples here
+            s = s.repeat_interleave(m.shape[0] // s.shape[0]).view(-1, 1)
+    out = (c if original else u) + s * (k * m + (eta - 1.0) * beta * c)
+    return out.view(cond.shape).to(cond.dtype)
+
+
+def guidance_stats(cond, uncond, guided, group_size):
+    acc = _acc(cond)
+    c = cond.to(acc).reshape(-1, group_size)
+    u = uncond.to(acc).reshape(-1, group_size)
+    cols = [(c * u).sum(1), (c * c).sum(1), (u * u).sum(1)]
+    if guided is not None:
+        g = guided.to(acc).reshape(-1, group_size)
+        cols += [(c * g).sum(1), (g * g).sum(1)]
+    else:
+        cols += [torch.zeros_like(cols[0])] * 2
+    nc = cols[1].sqrt().clamp_min(1e-8)
+    cols.append(cols[0] / (nc * cols[2].sqrt().clamp_min(1e-8)))
+    cols.append(cols[3] / (nc * cols[4].sqrt().clamp_min(1e-8)) if guided is not None else torch.zeros_like(nc))
+    return torch.stack(cols, 1).to(torch.float32)

@@ -17,7 +17,7 @@ import platform
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -38,16 +38,21 @@ IMPLS = ("fastguide", "diffusers", "eager", "compile", "floor")
 
 @dataclass
 class Case:
-    """One benchmarked job: how many full-size inputs it reads, and each implementation of it."""
+    """One benchmarked job: its full-size inputs, the full-size tensors it must move, and each implementation.
+
+    Each implementation is a builder `(inputs) -> callable` run once per shape, so that state
+    (momentum buffers, guider objects) is set up outside the timed call.
+    """
     name: str
     n_inputs: int
     fastguide: Callable
     eager: Callable
-    diffusers: Callable  # (inputs) -> callable, built once per shape (guider construction is not timed)
+    diffusers: Optional[Callable]  # None: no diffusers peer for this job
+    traffic: int = 0  # full-size tensors read + written at the least; default: inputs read, one output written
 
     def bytes_moved(self, numel, element_size):
-        """Bytes the op must move at the least: every input read once, the output written once."""
-        return (self.n_inputs + 1) * numel * element_size
+        """Bytes the op must move at the least (the floor): every input read once, the outputs written once."""
+        return (self.traffic or self.n_inputs + 1) * numel * element_size
 
 
 def _diffusers_guider(kind, **kw):
@@ -71,19 +76,48 @@ def _guider_call(kind, **kw):
     return build
 
 
+def _call(fn):
+    return lambda inputs: (lambda: fn(*inputs))
+
+
+def _apg_fastguide(inputs):
+    buf = ops.MomentumBuffer(-0.5)
+    return lambda: ops.apg(*inputs, 7.5, momentum_buffer=buf, norm_threshold=15.0)
+
+
+def _apg_eager(inputs):
+    buf = torch.zeros_like(inputs[0])
+    K = inputs[0][0].numel()
+    return lambda: _eager.apg(*inputs, None, 7.5, 1.0, 15.0, -0.5, buf, K, False)
+
+
+def _apg_diffusers(inputs):
+    from diffusers.guiders import AdaptiveProjectedGuidance
+    g = AdaptiveProjectedGuidance(guidance_scale=7.5, adaptive_projected_guidance_momentum=-0.5,
+                                  adaptive_projected_guidance_rescale=15.0)
+    g.set_state(step=0, num_inference_steps=10, timestep=None)
+    g.prepare_inputs({})  # creates its momentum buffer
+    return lambda: g.forward(*inputs).pred
+
+
 CASES = {
-    "cfg": Case("cfg", 2, lambda c, u: ops.cfg(c, u, 7.5),
-                lambda c, u: _eager.cfg(c, u, None, 7.5, 0.0, False),
+    "cfg": Case("cfg", 2, _call(lambda c, u: ops.cfg(c, u, 7.5)),
+                _call(lambda c, u: _eager.cfg(c, u, None, 7.5, 0.0, False)),
                 _guider_call("cfg", guidance_scale=7.5)),
-    "cfg_rescale": Case("cfg_rescale", 2, lambda c, u: ops.cfg(c, u, 7.5, rescale=0.7),
-                        lambda c, u: _eager.cfg(c, u, None, 7.5, 0.7, False),
+    "cfg_rescale": Case("cfg_rescale", 2, _call(lambda c, u: ops.cfg(c, u, 7.5, rescale=0.7)),
+                        _call(lambda c, u: _eager.cfg(c, u, None, 7.5, 0.7, False)),
                         _guider_call("cfg", guidance_scale=7.5, guidance_rescale=0.7)),
-    "pag": Case("pag", 3, lambda c, u, p: ops.pag(c, u, p, 7.5, 3.0),
-                lambda c, u, p: _eager.pag(c, u, p, None, 7.5, None, 3.0, 0.0, False),
+    "pag": Case("pag", 3, _call(lambda c, u, p: ops.pag(c, u, p, 7.5, 3.0)),
+                _call(lambda c, u, p: _eager.pag(c, u, p, None, 7.5, None, 3.0, 0.0, False)),
                 _guider_call("pag", guidance_scale=7.5, perturbed_guidance_scale=3.0)),
-    "cfg_zero_star": Case("cfg_zero_star", 2, lambda c, u: ops.cfg_zero_star(c, u, 7.5),
-                          lambda c, u: _eager.cfg_zero_star(c, u, None, 7.5, 0.0, False),
+    "cfg_zero_star": Case("cfg_zero_star", 2, _call(lambda c, u: ops.cfg_zero_star(c, u, 7.5)),
+                          _call(lambda c, u: _eager.cfg_zero_star(c, u, None, 7.5, 0.0, False)),
                           _guider_call("cfg_zero_star", guidance_scale=7.5)),
+    # APG with momentum and norm clamp: reads cond, uncond, buffer; writes buffer and output.
+    "apg": Case("apg", 2, _apg_fastguide, _apg_eager, _apg_diffusers, traffic=5),
+    # cos(cond, guided) and friends for Adaptive Guidance: reads three tensors, writes a few floats.
+    "stats": Case("stats", 3, _call(lambda c, u, g: ops.guidance_stats(c, u, g)),
+                  _call(lambda c, u, g: _eager.guidance_stats(c, u, g, c[0].numel())), None, traffic=3),
 }
 
 
@@ -135,15 +169,18 @@ def run_bench(case_names, shape_names, dtype_names, device, impls=IMPLS, min_run
                 src = torch.randn(nbytes // 2 // inputs[0].element_size(), device=device, dtype=dtype)
                 dst = torch.empty_like(src)
                 fns = {
-                    "fastguide": lambda: case.fastguide(*inputs),
-                    "diffusers": case.diffusers(inputs),
-                    "eager": lambda: case.eager(*inputs),
-                    "compile": (lambda f: lambda: f(*inputs))(torch.compile(case.eager, dynamic=False)),
+                    "fastguide": case.fastguide(inputs),
+                    "diffusers": case.diffusers(inputs) if case.diffusers else None,
+                    "eager": case.eager(inputs),
+                    "compile": torch.compile(case.eager(inputs), dynamic=False),
                     "floor": lambda: dst.copy_(src),
                 }
                 row = {"op": cname, "shape": sname, "dims": "x".join(map(str, shape)), "dtype": dname,
                        "bytes": nbytes}
                 for impl in impls:
+                    if fns[impl] is None:
+                        row[f"{impl}_us"] = row[f"{impl}_iqr_us"] = float("nan")
+                        continue
                     if progress:
                         progress(f"{dname} {sname} {cname} {impl}")
                     med, iqr = median_us(fns[impl], device, min_run_time)
@@ -154,7 +191,7 @@ def run_bench(case_names, shape_names, dtype_names, device, impls=IMPLS, min_run
                     if "floor" in impls:
                         row["pct_floor"] = 100.0 * row["floor_us"] / t
                     for peer in ("diffusers", "eager", "compile"):
-                        if peer in impls:
+                        if peer in impls and row[f"{peer}_us"] == row[f"{peer}_us"]:  # not NaN
                             row[f"x_{peer}"] = row[f"{peer}_us"] / t
                 rows.append(row)
     return rows

@@ -13,6 +13,7 @@ scale into the schema's pair `(Tensor? <name>_t, float <name>)`.
 import math
 import numbers
 import warnings
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -24,6 +25,10 @@ SCHEMAS = (
     "pag(Tensor cond, Tensor uncond, Tensor perturbed, Tensor? scale_t, float scale, Tensor? pag_scale_t, "
     "float pag_scale, float rescale, bool original) -> Tensor",
     "cfg_zero_star(Tensor cond, Tensor uncond, Tensor? scale_t, float scale, float rescale, bool original) -> Tensor",
+    "apg(Tensor cond, Tensor uncond, Tensor? scale_t, float scale, float eta, float norm_threshold, "
+    "float momentum, Tensor(a!)? momentum_buffer, int group_size, bool original) -> Tensor",
+    # [G, 7] fp32: <c,u>, |c|^2, |u|^2, <c,g>, |g|^2, cos(c,u), cos(c,g).
+    "guidance_stats(Tensor cond, Tensor uncond, Tensor? guided, int group_size) -> Tensor",
 )
 OPS = tuple(s.split("(", 1)[0] for s in SCHEMAS)
 
@@ -40,11 +45,14 @@ except ImportError as exc:  # extension not built, or built against another torc
 try:
     import triton
 
+    from .kernels import apg as _triton_apg
     from .kernels import guidance as _triton_guidance
 
+    _TRITON = {"cfg": _triton_guidance, "pag": _triton_guidance, "cfg_zero_star": _triton_guidance,
+               "apg": _triton_apg, "guidance_stats": _triton_apg}
     CUDA_BACKEND, CUDA_ERROR = f"Triton {triton.__version__}", None
 except Exception as exc:  # noqa: BLE001 - triton missing or broken: fall back, say why
-    _triton_guidance, CUDA_BACKEND, CUDA_ERROR = None, None, f"{type(exc).__name__}: {exc}"
+    _TRITON, CUDA_BACKEND, CUDA_ERROR = {}, None, f"{type(exc).__name__}: {exc}"
 
 _lib = torch.library.Library("fastguide", "FRAGMENT")
 if CPU_BACKEND is None:
@@ -52,8 +60,8 @@ if CPU_BACKEND is None:
         _lib.define(_schema)
 for _name in OPS:
     _lib.impl(_name, getattr(_eager, _name), "CompositeExplicitAutograd")
-    if _triton_guidance is not None:
-        _lib.impl(_name, getattr(_triton_guidance, _name), "CUDA")
+    if _name in _TRITON:
+        _lib.impl(_name, getattr(_TRITON[_name], _name), "CUDA")
 
 
 def backends():
@@ -74,8 +82,12 @@ def _fake(cond, *args):
     return torch.empty(cond.shape, dtype=cond.dtype, device=cond.device)
 
 
+def _fake_stats(cond, uncond, guided, group_size):
+    return cond.new_empty((cond.numel() // group_size, 7), dtype=torch.float32)
+
+
 for _name in OPS:
-    torch.library.register_fake(f"fastguide::{_name}", _fake, lib=_lib)
+    torch.library.register_fake(f"fastguide::{_name}", _fake_stats if _name == "guidance_stats" else _fake, lib=_lib)
 
 
 # --- argument checks ---------------------------------------------------------------------------
@@ -157,3 +169,185 @@ def cfg_zero_star(cond, uncond, scale, *, rescale=0.0, original=False):
     st, s = _scale("cfg_zero_star", "scale", scale, cond)
     return torch.ops.fastguide.cfg_zero_star(cond, uncond, st, s, _rescale("cfg_zero_star", rescale),
                                              bool(original))
+
+
+def rescale(pred, cond, rescale):
+    """diffusers' `rescale_noise_cfg(pred, cond, rescale)` as a fused two-pass op (finite at std 0).
+
+    It is the CFG kernel with scale 0 (guided = pred) and `rescale`; `cfg(..., rescale=r)` fuses it.
+    """
+    _check_pair("rescale", cond, pred, "pred")
+    return torch.ops.fastguide.cfg(cond, pred, None, 0.0, _rescale("rescale", rescale), False)
+
+
+# --- APG -------------------------------------------------------------------------------------
+class MomentumBuffer:
+    """APG's momentum state: a running average that `fastguide.apg` updates **in place**.
+
+    Like diffusers' `MomentumBuffer`, it starts at 0, so the first step's running average equals
+    cond - uncond. The tensor is allocated on first use with cond's shape, dtype and device and then
+    never reallocated (CUDA-graph and torch.compile safe); `reset()` zeroes it in place for a new
+    trajectory. Using it with inputs of another shape/dtype/device is an error, not a silent reset.
+    A plain tensor passed as `momentum_buffer=` (with `momentum=`) is updated in place the same way.
+    """
+
+    def __init__(self, momentum):
+        if not isinstance(momentum, numbers.Real) or not math.isfinite(float(momentum)):
+            raise ValueError(f"fastguide.MomentumBuffer: momentum must be a finite float, got {momentum!r}")
+        self.momentum = float(momentum)
+        self.running_average = None
+
+    def reset(self):
+        if self.running_average is not None:
+            self.running_average.zero_()
+
+    def _tensor_for(self, cond):
+        if self.running_average is None:
+            self.running_average = torch.zeros(cond.shape, dtype=cond.dtype, device=cond.device)
+        return self.running_average
+
+    def __repr__(self):
+        state = "empty" if self.running_average is None else f"{tuple(self.running_average.shape)} " \
+                                                              f"{self.running_average.dtype}"
+        return f"fastguide.MomentumBuffer(momentum={self.momentum}, running_average={state})"
+
+
+def _momentum_state(op, momentum, momentum_buffer, cond):
+    """(buffer tensor or None, momentum float), validated before any kernel touches the state."""
+    if momentum_buffer is None:
+        if momentum is not None:
+            raise ValueError(f"fastguide.{op}: momentum={momentum!r} needs momentum_buffer= to carry the running "
+                             f"average between steps: pass momentum_buffer=fastguide.MomentumBuffer({momentum!r})")
+        return None, 0.0
+    if isinstance(momentum_buffer, MomentumBuffer):
+        if momentum is not None and float(momentum) != momentum_buffer.momentum:
+            raise ValueError(f"fastguide.{op}: momentum={momentum!r} disagrees with the MomentumBuffer's "
+                             f"momentum={momentum_buffer.momentum}; pass one of them")
+        buf, mom = momentum_buffer._tensor_for(cond), momentum_buffer.momentum
+    elif isinstance(momentum_buffer, torch.Tensor):
+        if momentum is None:
+            raise ValueError(f"fastguide.{op}: a momentum_buffer tensor needs momentum= (a float)")
+        buf, mom = momentum_buffer, momentum
+    else:
+        raise TypeError(f"fastguide.{op}: momentum_buffer must be a fastguide.MomentumBuffer or a tensor, "
+                        f"got {type(momentum_buffer).__name__}")
+    if not isinstance(mom, numbers.Real) or not math.isfinite(float(mom)):
+        raise ValueError(f"fastguide.{op}: momentum must be a finite float, got {mom!r}")
+    if buf.shape != cond.shape or buf.dtype != cond.dtype or buf.device != cond.device:
+        raise ValueError(f"fastguide.{op}: momentum_buffer must match cond (shape {tuple(cond.shape)}, {cond.dtype}, "
+                         f"{cond.device}), got shape {tuple(buf.shape)}, {buf.dtype}, {buf.device}; for a new "
+                         "trajectory of another shape use a new MomentumBuffer")
+    if not buf.is_contiguous():
+        raise ValueError(f"fastguide.{op}: momentum_buffer must be contiguous (it is updated in place)")
+    return buf, float(mom)
+
+
+def _norm_groups(op, x, norm_dim):
+    """(permutation or None, group size, kept dims) for diffusers' `norm_dim` (None: all non-batch dims).
+
+    Kernels see norm groups as contiguous runs; when the reduced dims are not trailing, the inputs
+    are permuted (reduced dims last) and packed, which costs one extra copy of each.
+    """
+    nd = x.dim()
+    if norm_dim is None:
+        reduced = list(range(1, nd))
+    else:
+        dims = [norm_dim] if isinstance(norm_dim, int) else list(norm_dim)
+        if not dims or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
+            raise ValueError(f"fastguide.{op}: norm_dim must be None, an int or a non-empty tuple of ints, "
+                             f"got {norm_dim!r}")
+        bad = [d for d in dims if not -nd <= d < nd]
+        if bad:
+            raise ValueError(f"fastguide.{op}: norm_dim {norm_dim!r} out of range for a {nd}-d input "
+                             f"(valid: {-nd}..{nd - 1})")
+        reduced = sorted({d % nd for d in dims})
+        if len(reduced) != len(dims):
+            raise ValueError(f"fastguide.{op}: norm_dim {norm_dim!r} names a dim twice")
+    kept = [d for d in range(nd) if d not in reduced]
+    K = 1
+    for d in reduced:  # (a loop, not math.prod over a generator: dynamo traces it)
+        K *= x.shape[d]
+    perm = None if reduced == list(range(nd - len(reduced), nd)) else kept + reduced
+    return perm, K, kept
+
+
+def _inverse(perm):
+    inv = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return inv
+
+
+def apg(cond, uncond, scale, *, eta=1.0, norm_threshold=0.0, momentum=None, momentum_buffer=None, norm_dim=None,
+        rescale=0.0, original=False):
+    """Adaptive Projected Guidance (Sadat et al.) as one fused two-pass op.
+
+    Equals diffusers' `normalized_guidance(cond, uncond, scale, momentum_buffer, eta, norm_threshold,
+    original, norm_dim)` followed by guidance rescale when `rescale > 0`
+    (`AdaptiveProjectedGuidance.forward`), without its float64 round trip:
+        m = cond - uncond  (with momentum: running = m + momentum * running; m = running)
+        m *= min(1, norm_threshold / |m|)            when norm_threshold > 0
+        parallel = <m, c> c / max(|c|, 1e-12)^2;  update = (m - parallel) + eta * parallel
+        out = uncond + scale * update                (cond + ... when original)
+    Norms are over `norm_dim` (None: all non-batch dims; an int or tuple like diffusers).
+    Momentum state: `momentum_buffer=fastguide.MomentumBuffer(momentum)` (or a tensor of cond's shape
+    plus `momentum=`), updated in place; it is validated before anything is written.
+    """
+    _check_pair("apg", cond, uncond, "uncond")
+    st, s = _scale("apg", "scale", scale, cond)
+    for name, value in (("eta", eta), ("norm_threshold", norm_threshold)):
+        if not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+            raise ValueError(f"fastguide.apg: {name} must be a finite float, got {value!r}")
+    if norm_threshold < 0:
+        raise ValueError(f"fastguide.apg: norm_threshold must be >= 0 (0 disables the norm clamp), got {norm_threshold}")
+    r = _rescale("apg", rescale)
+    perm, K, kept = _norm_groups("apg", cond, norm_dim)
+    if st is not None and st.dim() == 1 and 0 not in kept:
+        raise ValueError("fastguide.apg: a per-sample scale needs groups inside samples; norm_dim "
+                         f"{norm_dim!r} reduces over the batch dim")
+    buf, mom = _momentum_state("apg", momentum, momentum_buffer, cond)
+    args = (st, s, float(eta), float(norm_threshold), mom)
+    if perm is None:
+        out = torch.ops.fastguide.apg(cond, uncond, *args, buf, K, bool(original))
+    else:
+        inv = _inverse(perm)
+        bp = buf.permute(perm).contiguous() if buf is not None else None
+        out = torch.ops.fastguide.apg(cond.permute(perm), uncond.permute(perm), *args, bp, K, bool(original))
+        out = out.permute(inv).contiguous()
+        if buf is not None:
+            buf.copy_(bp.permute(inv))
+    if r > 0:
+        out = torch.ops.fastguide.cfg(cond, out, None, 0.0, r, False)  # = rescale(out, cond, r)
+    return out
+
+
+# --- statistics for adaptive methods ---------------------------------------------------------------
+class GuidanceStats(NamedTuple):
+    """Per-group fp32 statistics (device tensors, no host sync), shaped like the kept dims of norm_dim."""
+    cond_dot_uncond: torch.Tensor
+    cond_sq: torch.Tensor
+    uncond_sq: torch.Tensor
+    cos_cond_uncond: torch.Tensor
+    cond_dot_guided: Optional[torch.Tensor] = None
+    guided_sq: Optional[torch.Tensor] = None
+    cos_cond_guided: Optional[torch.Tensor] = None
+
+
+def guidance_stats(cond, uncond, guided=None, *, norm_dim=None):
+    """<cond,uncond>, |cond|^2, |uncond|^2 and cos(cond, uncond) per group, plus <cond,guided>, |guided|^2
+    and cos(cond, guided) when `guided` is given, in one fused pass (fp32 sums, deterministic).
+
+    Groups as in `apg`'s norm_dim (None: one group per sample, shape [B]). Cosines follow
+    `F.cosine_similarity` (each norm clamped at 1e-8). Adaptive Guidance compares cos(cond, guided)
+    with a threshold to decide when to stop evaluating the unconditional branch.
+    """
+    _check_pair("guidance_stats", cond, uncond, "uncond")
+    if guided is not None:
+        _check_pair("guidance_stats", cond, guided, "guided")
+    perm, K, kept = _norm_groups("guidance_stats", cond, norm_dim)
+    xs = [x if x is None or perm is None else x.permute(perm) for x in (cond, uncond, guided)]
+    raw = torch.ops.fastguide.guidance_stats(xs[0], xs[1], xs[2], K)
+    cu, cc, uu, cg, gg, cos_cu, cos_cg = raw.view([cond.shape[d] for d in kept] + [7]).unbind(-1)
+    if guided is None:
+        return GuidanceStats(cu, cc, uu, cos_cu)
+    return GuidanceStats(cu, cc, uu, cos_cu, cg, gg, cos_cg)

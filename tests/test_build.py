@@ -73,9 +73,10 @@ def test_readme_has_two_setup_commands_and_ci_runs_the_test_one():
     assert cmds[1] in ci
 
 
-@pytest.mark.parametrize("case,n", [("cfg", 3), ("cfg_rescale", 3), ("pag", 4), ("cfg_zero_star", 3)])
+@pytest.mark.parametrize("case,n", [("cfg", 3), ("cfg_rescale", 3), ("pag", 4), ("cfg_zero_star", 3), ("apg", 5),
+                                    ("stats", 3)])
 def test_bench_floor_bytes(case, n):
-    """Floor = each input read once + the output written once."""
+    """Floor = each input read once + the outputs written once (APG: cond, uncond, buffer in; buffer, out)."""
     assert bench.CASES[case].bytes_moved(1000, 2) == n * 1000 * 2
 
 

@@ -1,0 +1,77 @@
+#pragma once
+// Shared by every CPU kernel file: the op schemas, argument checks and the test-suite poison switch.
+#include <ATen/ATen.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+
+namespace fastguide {
+
+// Every scale appears twice: `Tensor? <name>_t` and `float <name>`. A tensor (0-d or [B], on the
+// input's device) wins when given: a CUDA graph or a compiled graph can then take a new value each
+// step without a recompile or host sync. A Python float needs no allocation.
+// Must equal fastguide/ops.py SCHEMAS (tests/test_build.py checks).
+inline constexpr const char* kSchemas[] = {
+    // guidance.cpp: out = f * (base + s1 * (c - alpha u) + s2 * (c - p)), see there.
+    "cfg(Tensor cond, Tensor uncond, Tensor? scale_t, float scale, float rescale, bool original) -> Tensor",
+    "pag(Tensor cond, Tensor uncond, Tensor perturbed, Tensor? scale_t, float scale, Tensor? pag_scale_t, "
+    "float pag_scale, float rescale, bool original) -> Tensor",
+    "cfg_zero_star(Tensor cond, Tensor uncond, Tensor? scale_t, float scale, float rescale, bool original) -> Tensor",
+    // apg.cpp: norm groups are contiguous runs of group_size elements (the wrapper permutes).
+    "apg(Tensor cond, Tensor uncond, Tensor? scale_t, float scale, float eta, float norm_threshold, "
+    "float momentum, Tensor(a!)? momentum_buffer, int group_size, bool original) -> Tensor",
+    // [G, 7] fp32: <c,u>, |c|^2, |u|^2, <c,g>, |g|^2, cos(c,u), cos(c,g).
+    "guidance_stats(Tensor cond, Tensor uncond, Tensor? guided, int group_size) -> Tensor",
+};
+
+// FASTGUIDE_POISON_OUTPUTS=1 (set by the test suite) fills every output with NaN before the
+// kernel writes it, so an element a kernel forgets cannot hide behind allocator reuse.
+inline bool poison_outputs() {
+  static const bool on = [] {
+    const char* v = std::getenv("FASTGUIDE_POISON_OUTPUTS");
+    return v != nullptr && std::strcmp(v, "1") == 0;
+  }();
+  return on;
+}
+
+inline at::Tensor new_output(const at::Tensor& like) {
+  at::Tensor out = at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
+  if (poison_outputs()) out.fill_(std::numeric_limits<double>::quiet_NaN());
+  return out;
+}
+
+inline void check_inputs(const char* op, const at::Tensor& cond, const at::Tensor& other, const char* name) {
+  TORCH_CHECK(cond.is_floating_point(), "fastguide.", op, ": cond must be a floating tensor, got ",
+              cond.scalar_type());
+  TORCH_CHECK(cond.dim() >= 2, "fastguide.", op, ": cond must have >= 2 dims (batch first), got shape ",
+              cond.sizes());
+  TORCH_CHECK(other.sizes() == cond.sizes(), "fastguide.", op, ": ", name, " must have cond's shape ",
+              cond.sizes(), ", got ", other.sizes());
+  TORCH_CHECK(other.scalar_type() == cond.scalar_type(), "fastguide.", op, ": ", name,
+              " must have cond's dtype ", cond.scalar_type(), ", got ", other.scalar_type());
+  TORCH_CHECK(other.device() == cond.device(), "fastguide.", op, ": ", name, " must be on cond's device ",
+              cond.device(), ", got ", other.device());
+}
+
+inline void check_scale(const char* op, const c10::optional<at::Tensor>& t, const char* name,
+                        const at::Tensor& cond) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->dim() == 0 || (t->dim() == 1 && t->size(0) == cond.size(0)), "fastguide.", op, ": ", name,
+              " must be 0-d or of shape [", cond.size(0), "], got ", t->sizes());
+  TORCH_CHECK(t->device() == cond.device(), "fastguide.", op, ": ", name, " must be on cond's device ",
+              cond.device(), ", got ", t->device());
+}
+
+// Per-sample scale values as fp32 on the host (CPU kernels only): B entries.
+inline std::vector<float> scale_values(const c10::optional<at::Tensor>& t, double value, int64_t B) {
+  std::vector<float> out(B, static_cast<float>(value));
+  if (t.has_value()) {
+    const at::Tensor f = t->to(at::kFloat).contiguous();
+    const float* p = f.const_data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b) out[b] = p[f.dim() == 0 ? 0 : b];
+  }
+  return out;
+}
+
+}  // namespace fastguide
