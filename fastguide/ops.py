@@ -13,7 +13,6 @@ scale into the schema's pair `(Tensor? <name>_t, float <name>)`.
 import math
 import numbers
 import warnings
-from typing import NamedTuple, Optional
 
 import torch
 
@@ -92,6 +91,14 @@ for _name in OPS:
 
 # --- argument checks ---------------------------------------------------------------------------
 def _check_pair(op, cond, other, name):
+    # One boolean chain on the hot path (these wrappers run every sampler step); the detailed
+    # diagnosis only when it fails.
+    try:
+        if (cond.is_floating_point() and cond.dim() >= 2 and other.shape == cond.shape
+                and other.dtype == cond.dtype and other.device == cond.device):
+            return
+    except AttributeError:
+        pass
     if not isinstance(cond, torch.Tensor) or not isinstance(other, torch.Tensor):
         raise TypeError(f"fastguide.{op}: cond and {name} must be tensors, "
                         f"got {type(cond).__name__} and {type(other).__name__}")
@@ -104,12 +111,13 @@ def _check_pair(op, cond, other, name):
                          f"got {tuple(other.shape)} (nothing is broadcast)")
     if other.dtype != cond.dtype:
         raise TypeError(f"fastguide.{op}: {name} must have cond's dtype {cond.dtype}, got {other.dtype}")
-    if other.device != cond.device:
-        raise ValueError(f"fastguide.{op}: {name} must be on cond's device {cond.device}, got {other.device}")
+    raise ValueError(f"fastguide.{op}: {name} must be on cond's device {cond.device}, got {other.device}")
 
 
 def _scale(op, name, value, cond):
     """A scale as the schema's (tensor or None, float) pair."""
+    if type(value) is float and math.isfinite(value):  # hot path: no ABC isinstance
+        return None, value
     if isinstance(value, torch.Tensor):
         if not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
             raise TypeError(f"fastguide.{op}: {name} must be a float tensor, got {value.dtype}")
@@ -128,12 +136,17 @@ def _scale(op, name, value, cond):
 
 
 def _rescale(op, rescale):
+    if type(rescale) is float and math.isfinite(rescale):
+        return rescale
     if not isinstance(rescale, numbers.Real) or not math.isfinite(float(rescale)):
         raise ValueError(f"fastguide.{op}: rescale must be a finite float (0 disables it), got {rescale!r}")
     return float(rescale)
 
 
 # --- public wrappers ---------------------------------------------------------------------------
+# OpOverload handles: calling `.default` skips the overload lookup of `torch.ops.fastguide.<op>(...)`.
+_op = {name: getattr(torch.ops.fastguide, name).default for name in OPS}
+
 def cfg(cond, uncond, scale, *, rescale=0.0, original=False):
     """Classifier-free guidance: `uncond + scale * (cond - uncond)` (`cond + ...` when `original`),
     then diffusers' guidance rescale when `rescale > 0`.
@@ -145,7 +158,7 @@ def cfg(cond, uncond, scale, *, rescale=0.0, original=False):
     """
     _check_pair("cfg", cond, uncond, "uncond")
     st, s = _scale("cfg", "scale", scale, cond)
-    return torch.ops.fastguide.cfg(cond, uncond, st, s, _rescale("cfg", rescale), bool(original))
+    return _op["cfg"](cond, uncond, st, s, _rescale("cfg", rescale), bool(original))
 
 
 def pag(cond, uncond, perturbed, scale, pag_scale, *, rescale=0.0, original=False):
@@ -157,7 +170,7 @@ def pag(cond, uncond, perturbed, scale, pag_scale, *, rescale=0.0, original=Fals
     _check_pair("pag", cond, perturbed, "perturbed")
     st, s = _scale("pag", "scale", scale, cond)
     pt, p = _scale("pag", "pag_scale", pag_scale, cond)
-    return torch.ops.fastguide.pag(cond, uncond, perturbed, st, s, pt, p, _rescale("pag", rescale), bool(original))
+    return _op["pag"](cond, uncond, perturbed, st, s, pt, p, _rescale("pag", rescale), bool(original))
 
 
 def cfg_zero_star(cond, uncond, scale, *, rescale=0.0, original=False):
@@ -167,8 +180,7 @@ def cfg_zero_star(cond, uncond, scale, *, rescale=0.0, original=False):
     """
     _check_pair("cfg_zero_star", cond, uncond, "uncond")
     st, s = _scale("cfg_zero_star", "scale", scale, cond)
-    return torch.ops.fastguide.cfg_zero_star(cond, uncond, st, s, _rescale("cfg_zero_star", rescale),
-                                             bool(original))
+    return _op["cfg_zero_star"](cond, uncond, st, s, _rescale("cfg_zero_star", rescale), bool(original))
 
 
 def rescale(pred, cond, rescale):
@@ -177,7 +189,7 @@ def rescale(pred, cond, rescale):
     It is the CFG kernel with scale 0 (guided = pred) and `rescale`; `cfg(..., rescale=r)` fuses it.
     """
     _check_pair("rescale", cond, pred, "pred")
-    return torch.ops.fastguide.cfg(cond, pred, None, 0.0, _rescale("rescale", rescale), False)
+    return _op["cfg"](cond, pred, None, 0.0, _rescale("rescale", rescale), False)
 
 
 # --- APG -------------------------------------------------------------------------------------
@@ -308,29 +320,45 @@ def apg(cond, uncond, scale, *, eta=1.0, norm_threshold=0.0, momentum=None, mome
     buf, mom = _momentum_state("apg", momentum, momentum_buffer, cond)
     args = (st, s, float(eta), float(norm_threshold), mom)
     if perm is None:
-        out = torch.ops.fastguide.apg(cond, uncond, *args, buf, K, bool(original))
+        out = _op["apg"](cond, uncond, *args, buf, K, bool(original))
     else:
         inv = _inverse(perm)
         bp = buf.permute(perm).contiguous() if buf is not None else None
-        out = torch.ops.fastguide.apg(cond.permute(perm), uncond.permute(perm), *args, bp, K, bool(original))
+        out = _op["apg"](cond.permute(perm), uncond.permute(perm), *args, bp, K, bool(original))
         out = out.permute(inv).contiguous()
         if buf is not None:
             buf.copy_(bp.permute(inv))
     if r > 0:
-        out = torch.ops.fastguide.cfg(cond, out, None, 0.0, r, False)  # = rescale(out, cond, r)
+        out = _op["cfg"](cond, out, None, 0.0, r, False)  # = rescale(out, cond, r)
     return out
 
 
 # --- statistics for adaptive methods ---------------------------------------------------------------
-class GuidanceStats(NamedTuple):
-    """Per-group fp32 statistics (device tensors, no host sync), shaped like the kept dims of norm_dim."""
-    cond_dot_uncond: torch.Tensor
-    cond_sq: torch.Tensor
-    uncond_sq: torch.Tensor
-    cos_cond_uncond: torch.Tensor
-    cond_dot_guided: Optional[torch.Tensor] = None
-    guided_sq: Optional[torch.Tensor] = None
-    cos_cond_guided: Optional[torch.Tensor] = None
+class GuidanceStats:
+    """Per-group fp32 statistics (device tensors, no host sync), shaped like the kept dims of norm_dim.
+
+    Fields are views into the op's single [..., 7] result, made when read: `cond_dot_uncond`,
+    `cond_sq`, `uncond_sq`, `cos_cond_uncond`, and with `guided`: `cond_dot_guided`, `guided_sq`,
+    `cos_cond_guided` (None without `guided`). `raw` is the whole [..., 7] tensor.
+    """
+    __slots__ = ("raw", "has_guided")
+    _COLUMNS = {"cond_dot_uncond": 0, "cond_sq": 1, "uncond_sq": 2, "cond_dot_guided": 3, "guided_sq": 4,
+                "cos_cond_uncond": 5, "cos_cond_guided": 6}
+    _GUIDED = ("cond_dot_guided", "guided_sq", "cos_cond_guided")
+
+    def __init__(self, raw, has_guided):
+        self.raw, self.has_guided = raw, has_guided
+
+    def __getattr__(self, name):
+        col = GuidanceStats._COLUMNS.get(name)
+        if col is None:
+            raise AttributeError(f"GuidanceStats has no field {name!r}; fields: {list(GuidanceStats._COLUMNS)}")
+        if name in GuidanceStats._GUIDED and not self.has_guided:
+            return None
+        return self.raw[..., col]
+
+    def __repr__(self):
+        return f"GuidanceStats(groups={tuple(self.raw.shape[:-1])}, guided={self.has_guided})"
 
 
 def guidance_stats(cond, uncond, guided=None, *, norm_dim=None):
@@ -346,8 +374,5 @@ def guidance_stats(cond, uncond, guided=None, *, norm_dim=None):
         _check_pair("guidance_stats", cond, guided, "guided")
     perm, K, kept = _norm_groups("guidance_stats", cond, norm_dim)
     xs = [x if x is None or perm is None else x.permute(perm) for x in (cond, uncond, guided)]
-    raw = torch.ops.fastguide.guidance_stats(xs[0], xs[1], xs[2], K)
-    cu, cc, uu, cg, gg, cos_cu, cos_cg = raw.view([cond.shape[d] for d in kept] + [7]).unbind(-1)
-    if guided is None:
-        return GuidanceStats(cu, cc, uu, cos_cu)
-    return GuidanceStats(cu, cc, uu, cos_cu, cg, gg, cos_cg)
+    raw = _op["guidance_stats"](xs[0], xs[1], xs[2], K)
+    return GuidanceStats(raw.view([cond.shape[d] for d in kept] + [7]), guided is not None)
