@@ -1,17 +1,25 @@
 """`fastguide bench`: each op against its peers and the memory floor, on the current device.
 
-Columns (median time per call, microseconds):
+Columns (median time per call, microseconds; `--csv` adds the spread as IQR):
     fastguide   the fused op
     diffusers   the diffusers guider doing the same job (its `forward(...).pred`)
     eager       the same math in plain PyTorch (fastguide/_eager.py, fp32 arithmetic)
     compile     that math under torch.compile (dynamic=False, default inductor mode)
-    floor       a memcpy moving the bytes the op must move: each input read once, the output
-                written once (a copy of (read + written) / 2 bytes moves that much traffic)
-%floor = floor / fastguide (100% = at the memory floor); xdiff = diffusers / fastguide.
+    floor       a memcpy moving the bytes the op must move: each full-size input read once, each
+                full-size output written once (a copy of (read + written) / 2 bytes moves that much)
+%floor = floor / fastguide (100% = at the memory floor); GB/s = the op's minimum bytes / its time;
+x<peer> = peer / fastguide; launches = kernels per call (CUDA: profiler kernel events; CPU: top-level
+operator calls, where torch.compile's fused C++ kernels are not visible, so its count reads low).
+
+Timing: warm-up, then torch.utils.benchmark blocked repetitions (CPU) or CUDA events around each call
+(CUDA), median; inputs rotate over enough fresh random sets (never zeros) to spill the last-level
+cache, so caches do not flatter any implementation.
 """
 import argparse
 import csv
 import datetime
+import itertools
+import math
 import os
 import platform
 import subprocess
@@ -30,23 +38,29 @@ SHAPES = {
     "sd3": (2, 16, 128, 128),
     "video": (1, 16, 21, 60, 104),
 }
-DEFAULT_SHAPES = ("sdxl", "flux", "video")
+# The size sweep: 2^14 .. 2^26 elements as [2, n/2].
+SWEEP = {f"2^{k}": (2, 2 ** (k - 1)) for k in range(14, 27, 2)}
+ALL_SHAPES = {**SHAPES, **SWEEP}
+DEFAULT_SHAPES = tuple(SHAPES) + ("sweep",)
 QUICK_SHAPES = ("sdxl",)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 IMPLS = ("fastguide", "diffusers", "eager", "compile", "floor")
+ROTATE_BYTES = 128 << 20  # rotate inputs over at least this many bytes (> last-level cache)
 
 
 @dataclass
 class Case:
     """One benchmarked job: its full-size inputs, the full-size tensors it must move, and each implementation.
 
-    Each implementation is a builder `(inputs) -> callable` run once per shape, so that state
-    (momentum buffers, guider objects) is set up outside the timed call.
+    `fastguide` and `diffusers` are builders `(sets) -> callable` run once per shape, so that state
+    (momentum buffers, guider objects) is set up outside the timed call; the callable takes the next
+    input set on each call. `math` is a builder `(sets) -> fn(*inputs)`: the same math in plain
+    PyTorch, timed eager and under torch.compile.
     """
     name: str
     n_inputs: int
     fastguide: Callable
-    eager: Callable
+    math: Callable
     diffusers: Optional[Callable]  # None: no diffusers peer for this job
     traffic: int = 0  # full-size tensors read + written at the least; default: inputs read, one output written
 
@@ -55,79 +69,121 @@ class Case:
         return (self.traffic or self.n_inputs + 1) * numel * element_size
 
 
+def _cycled(fn, sets):
+    it = itertools.cycle(sets)
+    return lambda: fn(*next(it))
+
+
+def _pure(fn):
+    return lambda sets: fn
+
+
 def _diffusers_guider(kind, **kw):
-    from diffusers.guiders import (ClassifierFreeGuidance, ClassifierFreeZeroStarGuidance,
-                                   PerturbedAttentionGuidance)
+    from diffusers.guiders import (AdaptiveProjectedGuidance, ClassifierFreeGuidance,
+                                   ClassifierFreeZeroStarGuidance, PerturbedAttentionGuidance)
     if kind == "cfg":
         g = ClassifierFreeGuidance(**kw)
     elif kind == "cfg_zero_star":
         g = ClassifierFreeZeroStarGuidance(zero_init_steps=0, **kw)
+    elif kind == "apg":
+        g = AdaptiveProjectedGuidance(**kw)
     else:
         g = PerturbedAttentionGuidance(perturbed_guidance_layers=[0], perturbed_guidance_start=0.0,
                                        perturbed_guidance_stop=1.0, **kw)
+    g.set_state(step=0, num_inference_steps=10, timestep=None)
+    g.prepare_inputs({})  # APG creates its momentum buffer at step 0
     g.set_state(step=1, num_inference_steps=10, timestep=None)
     return g
 
 
-def _guider_call(kind, **kw):
-    def build(inputs):
+def _guider(kind, **kw):
+    def build(sets):
         g = _diffusers_guider(kind, **kw)
-        return lambda: g.forward(*inputs).pred
+        return _cycled(lambda *xs: g.forward(*xs).pred, sets)
     return build
 
 
-def _call(fn):
-    return lambda inputs: (lambda: fn(*inputs))
+def _fastguide(fn):
+    return lambda sets: _cycled(fn, sets)
 
 
-def _apg_fastguide(inputs):
+def _apg_fastguide(sets):
     buf = ops.MomentumBuffer(-0.5)
-    return lambda: ops.apg(*inputs, 7.5, momentum_buffer=buf, norm_threshold=15.0)
+    return _cycled(lambda c, u: ops.apg(c, u, 7.5, momentum_buffer=buf, norm_threshold=15.0), sets)
 
 
-def _apg_eager(inputs):
-    buf = torch.zeros_like(inputs[0])
-    K = inputs[0][0].numel()
-    return lambda: _eager.apg(*inputs, None, 7.5, 1.0, 15.0, -0.5, buf, K, False)
-
-
-def _apg_diffusers(inputs):
-    from diffusers.guiders import AdaptiveProjectedGuidance
-    g = AdaptiveProjectedGuidance(guidance_scale=7.5, adaptive_projected_guidance_momentum=-0.5,
-                                  adaptive_projected_guidance_rescale=15.0)
-    g.set_state(step=0, num_inference_steps=10, timestep=None)
-    g.prepare_inputs({})  # creates its momentum buffer
-    return lambda: g.forward(*inputs).pred
+def _apg_math(sets):
+    buf, K = torch.zeros_like(sets[0][0]), sets[0][0][0].numel()
+    return lambda c, u: _eager.apg(c, u, None, 7.5, 1.0, 15.0, -0.5, buf, K, False)
 
 
 CASES = {
-    "cfg": Case("cfg", 2, _call(lambda c, u: ops.cfg(c, u, 7.5)),
-                _call(lambda c, u: _eager.cfg(c, u, None, 7.5, 0.0, False)),
-                _guider_call("cfg", guidance_scale=7.5)),
-    "cfg_rescale": Case("cfg_rescale", 2, _call(lambda c, u: ops.cfg(c, u, 7.5, rescale=0.7)),
-                        _call(lambda c, u: _eager.cfg(c, u, None, 7.5, 0.7, False)),
-                        _guider_call("cfg", guidance_scale=7.5, guidance_rescale=0.7)),
-    "pag": Case("pag", 3, _call(lambda c, u, p: ops.pag(c, u, p, 7.5, 3.0)),
-                _call(lambda c, u, p: _eager.pag(c, u, p, None, 7.5, None, 3.0, 0.0, False)),
-                _guider_call("pag", guidance_scale=7.5, perturbed_guidance_scale=3.0)),
-    "cfg_zero_star": Case("cfg_zero_star", 2, _call(lambda c, u: ops.cfg_zero_star(c, u, 7.5)),
-                          _call(lambda c, u: _eager.cfg_zero_star(c, u, None, 7.5, 0.0, False)),
-                          _guider_call("cfg_zero_star", guidance_scale=7.5)),
+    "cfg": Case("cfg", 2, _fastguide(lambda c, u: ops.cfg(c, u, 7.5)),
+                _pure(lambda c, u: _eager.cfg(c, u, None, 7.5, 0.0, False)),
+                _guider("cfg", guidance_scale=7.5)),
+    "cfg_rescale": Case("cfg_rescale", 2, _fastguide(lambda c, u: ops.cfg(c, u, 7.5, rescale=0.7)),
+                        _pure(lambda c, u: _eager.cfg(c, u, None, 7.5, 0.7, False)),
+                        _guider("cfg", guidance_scale=7.5, guidance_rescale=0.7)),
+    "pag": Case("pag", 3, _fastguide(lambda c, u, p: ops.pag(c, u, p, 7.5, 3.0)),
+                _pure(lambda c, u, p: _eager.pag(c, u, p, None, 7.5, None, 3.0, 0.0, False)),
+                _guider("pag", guidance_scale=7.5, perturbed_guidance_scale=3.0)),
+    "cfg_zero_star": Case("cfg_zero_star", 2, _fastguide(lambda c, u: ops.cfg_zero_star(c, u, 7.5)),
+                          _pure(lambda c, u: _eager.cfg_zero_star(c, u, None, 7.5, 0.0, False)),
+                          _guider("cfg_zero_star", guidance_scale=7.5)),
     # APG with momentum and norm clamp: reads cond, uncond, buffer; writes buffer and output.
-    "apg": Case("apg", 2, _apg_fastguide, _apg_eager, _apg_diffusers, traffic=5),
+    "apg": Case("apg", 2, _apg_fastguide, _apg_math,
+                _guider("apg", guidance_scale=7.5, adaptive_projected_guidance_momentum=-0.5,
+                        adaptive_projected_guidance_rescale=15.0), traffic=5),
     # cos(cond, guided) and friends for Adaptive Guidance: reads three tensors, writes a few floats.
-    "stats": Case("stats", 3, _call(lambda c, u, g: ops.guidance_stats(c, u, g)),
-                  _call(lambda c, u, g: _eager.guidance_stats(c, u, g, c[0].numel())), None, traffic=3),
+    "stats": Case("stats", 3, _fastguide(lambda c, u, g: ops.guidance_stats(c, u, g).raw),
+                  _pure(lambda c, u, g: _eager.guidance_stats(c, u, g, c[0].numel())), None, traffic=3),
 }
 
 
 def median_us(fn, device, min_run_time):
-    """Median microseconds per call (torch.utils.benchmark: warm-up, CUDA sync, blocked repetitions)."""
+    """(median, IQR) microseconds per call."""
+    for _ in range(3):
+        fn()  # warm-up (compiles the compiled peer)
+    if device.type == "cuda":
+        times = []
+        reps = max(20, min(1000, int(min_run_time / max(_one_cuda_call(fn), 1e-6))))
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3)
+        t = torch.tensor(times)
+        return t.median().item(), (t.quantile(0.75) - t.quantile(0.25)).item()
     from torch.utils.benchmark import Timer
-    fn()  # warm-up (and compile, for the compiled peer)
     m = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
         min_run_time=min_run_time)
     return m.median * 1e6, m.iqr * 1e6
+
+
+def _one_cuda_call(fn):
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def count_launches(fn, device):
+    """Kernels per call: CUDA kernel events, or on CPU top-level operator calls."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    events = prof.events()
+    if device.type == "cuda":
+        return sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    return sum(1 for e in events if e.cpu_parent is None and e.name.startswith(("aten::", "fastguide::")))
 
 
 def _revision():
@@ -139,88 +195,215 @@ def _revision():
 
 
 def environment(device):
-    try:
-        import diffusers
-        dv = diffusers.__version__
-    except ImportError:
-        dv = "not installed"
-    try:
-        import triton
-        tv = triton.__version__
-    except ImportError:
-        tv = "not installed"
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.processor() or platform.machine()} " \
-                                                                      f"({torch.get_num_threads()} threads)"
-    return {"device": name, "torch": torch.__version__, "triton": tv, "diffusers": dv,
-            "fastguide_rev": _revision(), "date": datetime.date.today().isoformat()}
+    versions = {}
+    for mod in ("triton", "diffusers"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except ImportError:
+            versions[mod] = "not installed"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    return {"device": name, "torch": torch.__version__, "triton": versions["triton"],
+            "diffusers": versions["diffusers"], "fastguide_rev": _revision(), "date": datetime.date.today().isoformat()}
+
+
+def _input_sets(case, shape, dtype, device):
+    one = math.prod(shape) * torch.empty((), dtype=dtype).element_size() * case.n_inputs
+    n = max(1, min(128, ROTATE_BYTES // max(one, 1)))
+    return [[torch.randn(shape, device=device, dtype=dtype) for _ in range(case.n_inputs)] for _ in range(n)]
 
 
 def run_bench(case_names, shape_names, dtype_names, device, impls=IMPLS, min_run_time=0.2, progress=None):
     rows = []
-    for dname in dtype_names:
-        dtype = DTYPES[dname]
-        for sname in shape_names:
-            shape = SHAPES[sname]
-            for cname in case_names:
-                case = CASES[cname]
-                inputs = [torch.randn(shape, device=device, dtype=dtype) for _ in range(case.n_inputs)]
-                numel = inputs[0].numel()
-                nbytes = case.bytes_moved(numel, inputs[0].element_size())
-                src = torch.randn(nbytes // 2 // inputs[0].element_size(), device=device, dtype=dtype)
-                dst = torch.empty_like(src)
-                fns = {
-                    "fastguide": case.fastguide(inputs),
-                    "diffusers": case.diffusers(inputs) if case.diffusers else None,
-                    "eager": case.eager(inputs),
-                    "compile": torch.compile(case.eager(inputs), dynamic=False),
-                    "floor": lambda: dst.copy_(src),
-                }
-                row = {"op": cname, "shape": sname, "dims": "x".join(map(str, shape)), "dtype": dname,
-                       "bytes": nbytes}
-                for impl in impls:
-                    if fns[impl] is None:
-                        row[f"{impl}_us"] = row[f"{impl}_iqr_us"] = float("nan")
-                        continue
-                    if progress:
-                        progress(f"{dname} {sname} {cname} {impl}")
-                    med, iqr = median_us(fns[impl], device, min_run_time)
-                    row[f"{impl}_us"], row[f"{impl}_iqr_us"] = med, iqr
-                if "fastguide" in impls:
-                    t = row["fastguide_us"]
-                    row["fastguide_GBps"] = nbytes / (t * 1e-6) / 1e9
-                    if "floor" in impls:
-                        row["pct_floor"] = 100.0 * row["floor_us"] / t
-                    for peer in ("diffusers", "eager", "compile"):
-                        if peer in impls and row[f"{peer}_us"] == row[f"{peer}_us"]:  # not NaN
-                            row[f"x_{peer}"] = row[f"{peer}_us"] / t
-                rows.append(row)
+    jobs = [(d, s, c) for d in dtype_names for s in shape_names for c in case_names]
+    for dname, sname, cname in jobs:
+        dtype, shape, case = DTYPES[dname], ALL_SHAPES[sname], CASES[cname]
+        sets = _input_sets(case, shape, dtype, device)
+        esize = sets[0][0].element_size()
+        nbytes = case.bytes_moved(math.prod(shape), esize)
+        srcs = [torch.randn(nbytes // 2 // esize, device=device, dtype=dtype) for _ in range(max(1, len(sets) // 2))]
+        dst = torch.empty_like(srcs[0])
+        math_fn = case.math(sets)
+        fns = {
+            "fastguide": lambda: case.fastguide(sets),
+            "diffusers": (lambda: case.diffusers(sets)) if case.diffusers else None,
+            "eager": lambda: _cycled(math_fn, sets),
+            "compile": lambda: _cycled(torch.compile(math_fn, dynamic=False), sets),
+            "floor": lambda: _cycled(dst.copy_, [[s] for s in srcs]),
+        }
+        row = {"op": cname, "shape": sname, "dims": "x".join(map(str, shape)), "dtype": dname, "bytes": nbytes,
+               "rotating_sets": len(sets)}
+        for impl in impls:
+            if progress:
+                progress(f"{dname} {sname} {cname} {impl}")
+            if fns[impl] is None:
+                row[f"{impl}_us"] = row[f"{impl}_iqr_us"] = float("nan")
+                row[f"{impl}_launches"] = ""
+                continue
+            fn = fns[impl]()
+            row[f"{impl}_us"], row[f"{impl}_iqr_us"] = median_us(fn, device, min_run_time)
+            row[f"{impl}_launches"] = count_launches(fn, device) if impl != "floor" else 1
+            row[f"{impl}_GBps"] = nbytes / (row[f"{impl}_us"] * 1e-6) / 1e9
+        if "fastguide" in impls:
+            t = row["fastguide_us"]
+            if "floor" in impls:
+                row["pct_floor"] = 100.0 * row["floor_us"] / t
+            for peer in ("diffusers", "eager", "compile"):
+                if peer in impls and not math.isnan(row[f"{peer}_us"]):
+                    row[f"x_{peer}"] = row[f"{peer}_us"] / t
+        rows.append(row)
+        del sets, srcs, dst, math_fn
     return rows
 
 
 def format_table(rows, impls):
-    head = ["op", "shape", "dtype"] + [f"{i} us" for i in impls] + ["%floor", "xdiff", "xeager", "xcompile"]
+    head = ["op", "shape", "dtype"] + [f"{i} us" for i in impls] + ["GB/s", "%floor", "xdiff", "xeager", "xcompile",
+                                                                    "launches fg/diff/eager"]
     lines = []
     for r in rows:
-        cells = [r["op"], r["shape"], r["dtype"]] + [f"{r[f'{i}_us']:.1f}" for i in impls]
+        cells = [r["op"], r["shape"], r["dtype"]]
+        cells += ["-" if math.isnan(r[f"{i}_us"]) else f"{r[f'{i}_us']:.1f}" for i in impls]
+        cells += [f"{r['fastguide_GBps']:.1f}" if "fastguide_GBps" in r else "-"]
         cells += [f"{r['pct_floor']:.0f}%" if "pct_floor" in r else "-"]
         cells += [f"{r[k]:.1f}x" if k in r else "-" for k in ("x_diffusers", "x_eager", "x_compile")]
+        cells += ["/".join(str(r.get(f"{i}_launches", "")) or "-" for i in ("fastguide", "diffusers", "eager"))]
         lines.append(cells)
     widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
     fmt = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))  # noqa: E731
     return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(c) for c in lines])
 
 
+def write_plot(rows, path, impls, device_name):
+    """Achieved bandwidth (minimum bytes / time) against size: one panel per op, one line per implementation,
+    the memcpy floor in black."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(dict.fromkeys(r["op"] for r in rows))
+    ncols = min(3, len(names))
+    nrows = math.ceil(len(names) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 3.6 * nrows), squeeze=False)
+    styles = {"fastguide": "-", "diffusers": "--", "eager": ":", "compile": "-.", "floor": "-"}
+    for ax, op in zip(axes.flat, names):
+        for dtype in dict.fromkeys(r["dtype"] for r in rows):
+            group = sorted((r for r in rows if r["op"] == op and r["dtype"] == dtype), key=lambda r: r["bytes"])
+            for impl in impls:
+                pts = [(r["bytes"], r[f"{impl}_GBps"]) for r in group if f"{impl}_GBps" in r]
+                if pts:
+                    floor = impl == "floor"
+                    ax.plot(*zip(*pts), styles[impl], marker="o", markersize=3,
+                            label=f"{'memcpy floor' if floor else impl} {dtype}",
+                            color="black" if floor else None, linewidth=2.2 if floor else 1.2)
+        ax.set_xscale("log", base=2)
+        ax.set_title(op, fontsize=10)
+        ax.set_xlabel("bytes moved (inputs once + outputs once)", fontsize=7)
+        ax.set_ylabel("achieved GB/s", fontsize=7)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle(f"fastguide vs peers, {device_name} (higher is better)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- per denoising step -----------------------------------------------------------------------
+STEP_GUIDANCE = ("cfg", "cfg_rescale", "apg")
+
+
+def tiny_unet(device, dtype=torch.float32):
+    """A real diffusers UNet2DConditionModel (SD-style: cross-attention down/up blocks) from a tiny
+    config with random weights: no download."""
+    from diffusers import UNet2DConditionModel
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
+    return unet.to(device=device, dtype=dtype).eval()
+
+
+def step_bench(device, latent=64, min_run_time=0.2, compile_unet=False, progress=None):
+    """Time of one CFG denoising step (batched cond/uncond UNet pass + guidance), stock vs fastguide.
+
+    Returns rows: the denoiser's time, each guidance's time with diffusers' guider and with fastguide,
+    the guidance's share of the whole step, and (with compile_unet) the step with torch.compile(unet).
+    """
+    unet = tiny_unet(device)
+    x = torch.randn(1, 4, latent, latent, device=device)
+    emb = torch.randn(2, 7, 32, device=device)
+    t = torch.tensor(500, device=device)
+
+    def denoise(model):
+        with torch.no_grad():
+            return model(torch.cat([x, x]), t, encoder_hidden_states=emb).sample.chunk(2)
+
+    models = {"eager": unet}
+    if compile_unet:
+        models["compiled"] = torch.compile(unet)
+    rows = []
+    for mode, model in models.items():
+        if progress:
+            progress(f"step {mode} denoiser")
+        cond, uncond = denoise(model)
+        den_us, _ = median_us(lambda: denoise(model), device, min_run_time)
+        for name in STEP_GUIDANCE:
+            case = CASES[name]
+            stock = case.diffusers([[cond, uncond]])
+            fast = case.fastguide([[cond, uncond]])
+            if progress:
+                progress(f"step {mode} {name}")
+            stock_us, _ = median_us(stock, device, min_run_time)
+            fast_us, _ = median_us(fast, device, min_run_time)
+            rows.append({"unet": mode, "guidance": name, "latent": f"{latent}x{latent}", "denoiser_ms": den_us / 1e3,
+                         "diffusers_guidance_ms": stock_us / 1e3, "fastguide_guidance_ms": fast_us / 1e3,
+                         "diffusers_share": stock_us / (den_us + stock_us), "fastguide_share": fast_us / (den_us + fast_us),
+                         "step_speedup": (den_us + stock_us) / (den_us + fast_us)})
+    return rows
+
+
+def format_step_table(rows):
+    head = ["unet", "guidance", "latent", "denoiser ms", "diffusers guid. ms", "fastguide guid. ms",
+            "share (diffusers)", "share (fastguide)", "step speed-up"]
+    lines = [[r["unet"], r["guidance"], r["latent"], f"{r['denoiser_ms']:.2f}", f"{r['diffusers_guidance_ms']:.3f}",
+              f"{r['fastguide_guidance_ms']:.3f}", f"{100 * r['diffusers_share']:.1f}%",
+              f"{100 * r['fastguide_share']:.1f}%", f"{r['step_speedup']:.3f}x"] for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
+    fmt = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(c) for c in lines])
+
+
+def _progress(total):
+    try:
+        from tqdm import tqdm
+        bar = tqdm(total=total, file=sys.stderr, unit="run", leave=False)
+
+        def step(label):
+            bar.set_description(label)
+            bar.update(1)
+        return step, bar.close
+    except ImportError:
+        return (lambda label: print(f"  ... {label}", file=sys.stderr, flush=True)), (lambda: None)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="fastguide bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ops", default=",".join(CASES), help=f"comma list from {','.join(CASES)}")
-    p.add_argument("--shapes", default=None, help=f"comma list from {','.join(SHAPES)} "
-                   f"(default {','.join(DEFAULT_SHAPES)})")
+    p.add_argument("--shapes", default=None, help=f"comma list from {','.join(SHAPES)},sweep or a sweep point "
+                   f"like 2^20 (default: all of them)")
     p.add_argument("--dtype", default="fp32", help="comma list from fp32,fp16,bf16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--impls", default=",".join(IMPLS), help=f"comma list from {','.join(IMPLS)}")
-    p.add_argument("--quick", action="store_true", help="SDXL shape only, shorter timing: under a minute on CPU")
+    p.add_argument("--quick", action="store_true", help="SDXL shape only, short timing: under a minute on CPU")
     p.add_argument("--csv", default=None, help="also write the rows (with versions and device) to this CSV")
+    p.add_argument("--plot", default=None, help="write a PNG of achieved bandwidth vs size to this path")
+    p.add_argument("--step", choices=("auto", "on", "off"), default="auto",
+                   help="per-denoising-step section on a tiny diffusers UNet (auto: on unless --quick)")
+    p.add_argument("--compile-step", action="store_true", help="also time the step with torch.compile(unet)")
     a = p.parse_args(argv)
 
     def pick(text, known, what):
@@ -230,21 +413,47 @@ def main(argv=None):
             p.error(f"unknown {what} {bad}; choose from {list(known)}")
         return names
 
-    shapes = pick(a.shapes or ",".join(QUICK_SHAPES if a.quick else DEFAULT_SHAPES), SHAPES, "shape")
+    shapes = []
+    for name in pick(a.shapes or ",".join(QUICK_SHAPES if a.quick else DEFAULT_SHAPES),
+                     {**ALL_SHAPES, "sweep": None}, "shape"):
+        shapes += list(SWEEP) if name == "sweep" else [name]
     impls = pick(a.impls, IMPLS, "implementation")
+    ops_ = pick(a.ops, CASES, "op")
+    dtypes = pick(a.dtype, DTYPES, "dtype")
     device = torch.device(a.device)
     env = environment(device)
     print("fastguide bench: " + ", ".join(f"{k} {v}" for k, v in env.items()))
     print("backends: " + ", ".join(f"{k}={v}" for k, v in ops.backends()["cfg"].items()))
-    rows = run_bench(pick(a.ops, CASES, "op"), shapes, pick(a.dtype, DTYPES, "dtype"), device, impls,
-                     min_run_time=0.05 if a.quick else 0.2,
-                     progress=lambda s: print(f"  ... {s}", file=sys.stderr, flush=True))
+    step, done = _progress(len(ops_) * len(shapes) * len(dtypes) * len(impls))
+    try:
+        rows = run_bench(ops_, shapes, dtypes, device, impls, min_run_time=0.05 if a.quick else 0.2, progress=step)
+    finally:
+        done()
     print(format_table(rows, impls))
+    step_rows = []
+    if a.step == "on" or (a.step == "auto" and not a.quick):
+        step_rows = step_bench(device, latent=128 if device.type == "cuda" else 32, compile_unet=a.compile_step,
+                               progress=lambda s: print(f"  ... {s}", file=sys.stderr, flush=True))
+        print("\nper denoising step (tiny SD-style UNet2DConditionModel, batch 2 = cond + uncond):")
+        print(format_step_table(step_rows))
     if a.csv:
+        fields = list(env) + sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k)
+                                    if k in rows[0] else 1000)
         with open(a.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(env) + list(rows[0]))
+            w = csv.DictWriter(f, fieldnames=fields)
             w.writeheader()
             for r in rows:
                 w.writerow({**env, **r})
         print(f"wrote {a.csv}")
+        if step_rows:
+            step_csv = os.path.splitext(a.csv)[0] + "_step.csv"
+            with open(step_csv, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(env) + list(step_rows[0]))
+                w.writeheader()
+                for r in step_rows:
+                    w.writerow({**env, **r})
+            print(f"wrote {step_csv}")
+    if a.plot:
+        write_plot(rows, a.plot, impls, env["device"])
+        print(f"wrote {a.plot}")
     return 0

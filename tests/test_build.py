@@ -80,16 +80,33 @@ def test_bench_floor_bytes(case, n):
     assert bench.CASES[case].bytes_moved(1000, 2) == n * 1000 * 2
 
 
-def test_bench_quick_cfg_writes_csv(tmp_path, capsys):
-    path = tmp_path / "out.csv"
-    assert bench.main(["--quick", "--ops", "cfg", "--impls", "fastguide,diffusers,eager,floor",
-                       "--csv", str(path)]) == 0
+def test_bench_quick_cfg_writes_csv_and_png(tmp_path, capsys):
+    """`fastguide bench --quick --ops cfg` (the compile peer included) with --csv and --plot."""
+    path, png = tmp_path / "out.csv", tmp_path / "out.png"
+    assert bench.main(["--quick", "--ops", "cfg", "--csv", str(path), "--plot", str(png)]) == 0
     table = capsys.readouterr().out
-    assert "cfg" in table and "%floor" in table
+    assert "cfg" in table and "%floor" in table and "launches" in table
     rows = list(csv.DictReader(open(path)))
     assert len(rows) == 1
     r = rows[0]
-    for col in ("device", "torch", "triton", "diffusers", "fastguide_rev", "date", "dtype", "dims",
-                "fastguide_us", "diffusers_us", "eager_us", "floor_us", "pct_floor", "x_diffusers"):
+    for col in ("device", "torch", "triton", "diffusers", "fastguide_rev", "date", "dtype", "dims", "bytes",
+                "fastguide_us", "fastguide_iqr_us", "fastguide_GBps", "fastguide_launches", "diffusers_us",
+                "eager_us", "compile_us", "floor_us", "pct_floor", "x_diffusers", "x_eager", "x_compile"):
         assert r[col], col
-    assert r["dims"] == "2x4x128x128" and float(r["fastguide_us"]) > 0
+    assert r["dims"] == "2x4x128x128" and r["dtype"] == "fp32" and float(r["fastguide_us"]) > 0
+    assert r["fastguide_launches"] == "1" and int(r["diffusers_launches"]) >= 3  # fused vs sub, mul, add
+    assert int(r["bytes"]) == 3 * 2 * 4 * 128 * 128 * 4
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_rejects_unknown_names():
+    with pytest.raises(SystemExit):
+        bench.main(["--ops", "nope"])
+
+
+def test_step_bench_on_tiny_unet():
+    rows = bench.step_bench(torch.device("cpu"), latent=8, min_run_time=0.01)
+    assert [r["guidance"] for r in rows] == list(bench.STEP_GUIDANCE)
+    for r in rows:
+        assert r["denoiser_ms"] > 0 and 0 < r["fastguide_share"] < 1 and r["step_speedup"] > 0
+    assert "step speed-up" in bench.format_step_table(rows)

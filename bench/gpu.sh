@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One command on a CUDA machine with torch and triton installed: builds fastguide, runs the GPU test
+# suite and the full benchmark, and leaves the log, CSV and PNG in one folder.
+#
+#   bash bench/gpu.sh [OUT_DIR]          # default: bench/results/<gpu>-<date>
+#
+# diffusers (and kornia) are needed by the tests and the peers columns; on a machine without network
+# access, bring wheels along and set WHEELS=/path/to/wheels (pip install --no-index --find-links).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+gpu=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))" 2>/dev/null || echo unknown-gpu)
+out=${1:-bench/results/${gpu}-$(date +%Y-%m-%d)}
+mkdir -p "$out"
+log="$out/log.txt"
+{
+  echo "== $(date -u) on $(hostname)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 || true
+  python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  if [ -n "${WHEELS:-}" ]; then
+    pip install -q --no-index --find-links "$WHEELS" diffusers kornia matplotlib 2>&1 | tail -2
+  fi
+  pip install -q --no-build-isolation -e . 2>&1 | tail -2
+  python -m fastguide info
+  echo "== tests (CUDA: Triton kernels compiled for the GPU, torch.compile on CUDA)"
+  python -m pytest -q tests 2>&1 | tail -15
+  echo "== bench"
+  python -m fastguide bench --dtype fp32,bf16 --csv "$out/bench.csv" --plot "$out/bench.png" --compile-step
+} 2>&1 | tee "$log"
+echo "results in $out"
