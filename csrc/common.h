@@ -23,6 +23,10 @@ inline constexpr const char* kSchemas[] = {
     "float momentum, Tensor(a!)? momentum_buffer, int group_size, bool original) -> Tensor",
     // [G, 7] fp32: <c,u>, |c|^2, |u|^2, <c,g>, |g|^2, cos(c,u), cos(c,g).
     "guidance_stats(Tensor cond, Tensor uncond, Tensor? guided, int group_size) -> Tensor",
+    // frequency.cpp: low(x) = sum_t ah[t] @ x @ aw[t]^T over the last two dims (see fastguide/frequency.py).
+    "frequency_cfg(Tensor cond, Tensor uncond, Tensor ah, Tensor aw, Tensor? low_t, float low, Tensor? high_t, "
+    "float high, bool original) -> Tensor",
+    "frequency_split(Tensor x, Tensor ah, Tensor aw) -> Tensor",
 };
 
 // FASTGUIDE_POISON_OUTPUTS=1 (set by the test suite) fills every output with NaN before the

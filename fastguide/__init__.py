@@ -5,8 +5,9 @@
 
 `python -m fastguide info` lists which backend serves each op.
 """
+from .frequency import fdg, frequency_cfg, frequency_split
 from .ops import GuidanceStats, MomentumBuffer, apg, backends, cfg, cfg_zero_star, guidance_stats, pag, rescale
 
 __version__ = "0.1.0"
-__all__ = ["GuidanceStats", "MomentumBuffer", "apg", "backends", "cfg", "cfg_zero_star", "guidance_stats", "pag",
-           "rescale", "__version__"]
+__all__ = ["GuidanceStats", "MomentumBuffer", "apg", "backends", "cfg", "cfg_zero_star", "fdg", "frequency_cfg",
+           "frequency_split", "guidance_stats", "pag", "rescale", "__version__"]

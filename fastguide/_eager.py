@@ -94,3 +94,24 @@ def guidance_stats(cond, uncond, guided, group_size):
     cols.append(cols[0] / (nc * cols[2].sqrt().clamp_min(1e-8)))
     cols.append(cols[3] / (nc * cols[4].sqrt().clamp_min(1e-8)) if guided is not None else torch.zeros_like(nc))
     return torch.stack(cols, 1).to(torch.float32)
+
+
+def _lowpass(x, ah, aw):
+    """sum_t A_H[t] @ x @ A_W[t]^T over the last two dims."""
+    low = ah[0] @ x @ aw[0].T
+    for t in range(1, ah.shape[0]):
+        low = low + ah[t] @ x @ aw[t].T
+    return low
+
+
+def frequency_split(x, ah, aw):
+    return _lowpass(x.to(ah.dtype), ah, aw).to(x.dtype)
+
+
+def frequency_cfg(cond, uncond, ah, aw, low_t, low, high_t, high, original):
+    acc = ah.dtype
+    c, u = cond.to(acc), uncond.to(acc)
+    d = c - u
+    lo = _lowpass(d, ah, aw)
+    out = (c if original else u) + _per_sample(low_t, low, c) * lo + _per_sample(high_t, high, c) * (d - lo)
+    return out.to(cond.dtype)

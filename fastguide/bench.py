@@ -29,7 +29,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import _eager, ops
+from . import _eager, frequency, ops
 
 SHAPES = {
     "sdxl": (2, 4, 128, 128),
@@ -63,6 +63,7 @@ class Case:
     math: Callable
     diffusers: Optional[Callable]  # None: no diffusers peer for this job
     traffic: int = 0  # full-size tensors read + written at the least; default: inputs read, one output written
+    applies: Callable = lambda shape: True  # noqa: E731 - shapes the job is defined for
 
     def bytes_moved(self, numel, element_size):
         """Bytes the op must move at the least (the floor): every input read once, the outputs written once."""
@@ -117,6 +118,46 @@ def _apg_math(sets):
     return lambda c, u: _eager.apg(c, u, None, 7.5, 1.0, 15.0, -0.5, buf, K, False)
 
 
+def _fresca_math(sets):
+    """ComfyUI's FreSca node + CFG, the peer: torch.fft round trip with a box mask (fp32)."""
+    def run(c, u):
+        d = (c - u).float()
+        xf = torch.fft.fftshift(torch.fft.fftn(d, dim=(-2, -1)), dim=(-2, -1))
+        H, W = xf.shape[-2:]
+        mask = torch.full(xf.shape, 7.5 * 1.25, device=xf.device)
+        mask[..., H // 2 - 16:H // 2 + 16, W // 2 - 16:W // 2 + 16] = 7.5
+        return (u + torch.fft.ifftn(torch.fft.ifftshift(xf * mask, dim=(-2, -1)), dim=(-2, -1)).real).to(c.dtype)
+    return run
+
+
+def _frecas_math(sets):
+    """FreCaS facfg: bilinear down to half size and back per prediction, CFG per band."""
+    import torch.nn.functional as F
+
+    def bands(x):
+        planes = x.reshape(-1, 1, *x.shape[-2:])
+        low = F.interpolate(F.interpolate(planes, size=(x.shape[-2] // 2, x.shape[-1] // 2), mode="bilinear"),
+                            size=x.shape[-2:], mode="bilinear").view(x.shape)
+        return x - low, low
+    return lambda c, u: sum(ub + w * (cb - ub) for ub, cb, w in zip(bands(u), bands(c), (9.0, 5.0)))
+
+
+def _fdg_math(sets):
+    from .frequency import _fdg_explicit
+    return lambda c, u: _fdg_explicit(c, u, [10.0, 5.0], [1.0, 1.0], [0.0, 0.0], "data", False)
+
+
+def _fdg_diffusers(sets):
+    from diffusers.guiders import FrequencyDecoupledGuidance
+    g = FrequencyDecoupledGuidance(guidance_scales=[10.0, 5.0])
+    return _cycled(lambda c, u: g.forward(c, u).pred, sets)
+
+
+def _fdg_applies(shape):
+    pow2 = lambda n: n & (n - 1) == 0  # noqa: E731
+    return len(shape) == 4 and (pow2(shape[2]) or pow2(shape[3])) and shape[2] % 2 == 0 and shape[3] % 2 == 0
+
+
 CASES = {
     "cfg": Case("cfg", 2, _fastguide(lambda c, u: ops.cfg(c, u, 7.5)),
                 _pure(lambda c, u: _eager.cfg(c, u, None, 7.5, 0.0, False)),
@@ -137,6 +178,14 @@ CASES = {
     # cos(cond, guided) and friends for Adaptive Guidance: reads three tensors, writes a few floats.
     "stats": Case("stats", 3, _fastguide(lambda c, u, g: ops.guidance_stats(c, u, g).raw),
                   _pure(lambda c, u, g: _eager.guidance_stats(c, u, g, c[0].numel())), None, traffic=3),
+    # Frequency-split guidance on [..., H, W] planes (the matrix route; peers: torch.fft / interpolate / kornia).
+    "fresca": Case("fresca", 2, _fastguide(lambda c, u: frequency.frequency_cfg(c, u, 7.5, 7.5 * 1.25, cutoff=16)),
+                   _fresca_math, None, applies=lambda shape: len(shape) >= 3 and min(shape[-2:]) >= 32),
+    "frecas": Case("frecas", 2, _fastguide(lambda c, u: frequency.frequency_cfg(
+        c, u, 5.0, 9.0, method="bilinear", size=(c.shape[-2] // 2, c.shape[-1] // 2))), _frecas_math, None,
+        applies=lambda shape: len(shape) >= 3 and min(shape[-2:]) >= 4),
+    "fdg": Case("fdg", 2, _fastguide(lambda c, u: frequency.fdg(c, u, [10.0, 5.0])), _fdg_math, _fdg_diffusers,
+                applies=_fdg_applies),
 }
 
 
@@ -220,6 +269,11 @@ def run_bench(case_names, shape_names, dtype_names, device, impls=IMPLS, min_run
     jobs = [(d, s, c) for d in dtype_names for s in shape_names for c in case_names]
     for dname, sname, cname in jobs:
         dtype, shape, case = DTYPES[dname], ALL_SHAPES[sname], CASES[cname]
+        if not case.applies(shape):
+            if progress:
+                for impl in impls:
+                    progress(f"{dname} {sname} {cname} (not defined for this shape)")
+            continue
         sets = _input_sets(case, shape, dtype, device)
         esize = sets[0][0].element_size()
         nbytes = case.bytes_moved(math.prod(shape), esize)

@@ -28,6 +28,10 @@ SCHEMAS = (
     "float momentum, Tensor(a!)? momentum_buffer, int group_size, bool original) -> Tensor",
     # [G, 7] fp32: <c,u>, |c|^2, |u|^2, <c,g>, |g|^2, cos(c,u), cos(c,g).
     "guidance_stats(Tensor cond, Tensor uncond, Tensor? guided, int group_size) -> Tensor",
+    # frequency.cpp: low(x) = sum_t ah[t] @ x @ aw[t]^T over the last two dims (see fastguide/frequency.py).
+    "frequency_cfg(Tensor cond, Tensor uncond, Tensor ah, Tensor aw, Tensor? low_t, float low, Tensor? high_t, "
+    "float high, bool original) -> Tensor",
+    "frequency_split(Tensor x, Tensor ah, Tensor aw) -> Tensor",
 )
 OPS = tuple(s.split("(", 1)[0] for s in SCHEMAS)
 
@@ -45,10 +49,12 @@ try:
     import triton
 
     from .kernels import apg as _triton_apg
+    from .kernels import frequency as _triton_frequency
     from .kernels import guidance as _triton_guidance
 
     _TRITON = {"cfg": _triton_guidance, "pag": _triton_guidance, "cfg_zero_star": _triton_guidance,
-               "apg": _triton_apg, "guidance_stats": _triton_apg}
+               "apg": _triton_apg, "guidance_stats": _triton_apg,
+               "frequency_cfg": _triton_frequency, "frequency_split": _triton_frequency}
     CUDA_BACKEND, CUDA_ERROR = f"Triton {triton.__version__}", None
 except Exception as exc:  # noqa: BLE001 - triton missing or broken: fall back, say why
     _TRITON, CUDA_BACKEND, CUDA_ERROR = {}, None, f"{type(exc).__name__}: {exc}"

@@ -74,7 +74,7 @@ def test_readme_has_two_setup_commands_and_ci_runs_the_test_one():
 
 
 @pytest.mark.parametrize("case,n", [("cfg", 3), ("cfg_rescale", 3), ("pag", 4), ("cfg_zero_star", 3), ("apg", 5),
-                                    ("stats", 3)])
+                                    ("stats", 3), ("fresca", 3), ("frecas", 3), ("fdg", 3)])
 def test_bench_floor_bytes(case, n):
     """Floor = each input read once + the outputs written once (APG: cond, uncond, buffer in; buffer, out)."""
     assert bench.CASES[case].bytes_moved(1000, 2) == n * 1000 * 2
