@@ -1,0 +1,176 @@
+"""Identity-attention PAG for diffusers `Attention` modules, without chunk/cat of the batch and without masks.
+
+Perturbed-attention guidance (Ahn et al.) replaces the self-attention map of chosen layers by the
+identity for a "perturbed" copy of the conditional batch, i.e. attention output = V. diffusers does it
+with processors that chunk the batch, `torch.cat` the unperturbed parts back together, run attention,
+and `torch.cat` the outputs; for SD3's joint attention it builds a full seq x seq -inf mask
+(diffusers issue #8861). `IdentityPAGProcessor` instead:
+  * projects V once for the whole batch;
+  * projects Q and K only for the unperturbed rows (a view of the batch: rows [0, B - p));
+  * runs SDPA on those rows and writes the result into their rows of V in place;
+  * applies `to_out` (and `to_add_out`) once to the whole batch.
+The last p rows never touch Q, K or SDPA: their output is to_out(V). Memory is O(seq), not O(seq^2).
+For joint (SD3/Flux-style) attention the perturbed rows' image and text tokens both output their V,
+which is diffusers' guider path (`LayerSkipConfig(skip_attention_scores=True)`).
+
+    fastguide.attention.apply_pag(pipe.unet, ["mid", "down_blocks.1"])    # regex on module names
+    fastguide.attention.apply_pag(pipe.transformer, [3, 7])               # indices of self-attention layers
+    fastguide.attention.remove_pag(pipe.unet)
+"""
+import re
+
+import torch
+import torch.nn.functional as F
+
+
+class IdentityPAGProcessor:
+    """Attention processor: the last `perturbed` rows of the batch get identity attention.
+
+    `perturbed=None` means `batch // chunks` rows (chunks=3: [uncond, cond, cond_perturbed] as in
+    diffusers' CFG+PAG pipelines; chunks=2: [cond, cond_perturbed]). Set `perturbed=0` to run plain attention.
+    """
+
+    def __init__(self, perturbed=None, chunks=3):
+        self.perturbed = perturbed
+        self.chunks = chunks
+
+    def _rows(self, batch):
+        p = batch // self.chunks if self.perturbed is None else int(self.perturbed)
+        if not 0 <= p <= batch:
+            raise ValueError(f"IdentityPAGProcessor: {p} perturbed rows in a batch of {batch}")
+        return batch - p
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
+                 **kwargs):
+        if getattr(attn, "add_q_proj", None) is not None:
+            return self._joint(attn, hidden_states, encoder_hidden_states)
+        if encoder_hidden_states is not None:
+            raise ValueError("IdentityPAGProcessor applies to self-attention layers; this layer got "
+                             "encoder_hidden_states (cross-attention)")
+        return self._self(attn, hidden_states, attention_mask, temb)
+
+    @staticmethod
+    def _heads(x, rows, attn):
+        return x.view(rows, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+
+    def _self(self, attn, hidden_states, attention_mask, temb):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            b, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(b, channel, height * width).transpose(1, 2)
+        batch, seq, _ = hidden_states.shape
+        n = self._rows(batch)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        value = attn.to_v(hidden_states)  # every row: the perturbed rows' attention output is V
+        if n:
+            x = hidden_states[:n]  # a view: no copy of the batch
+            query, key = self._heads(attn.to_q(x), n, attn), self._heads(attn.to_k(x), n, attn)
+            if attn.norm_q is not None:
+                query = attn.norm_q(query)
+            if attn.norm_k is not None:
+                key = attn.norm_k(key)
+            mask = None
+            if attention_mask is not None:
+                mask = attn.prepare_attention_mask(attention_mask, seq, batch)
+                mask = mask.view(batch, attn.heads, -1, mask.shape[-1])[:n]
+            out = F.scaled_dot_product_attention(query, key, self._heads(value[:n], n, attn), attn_mask=mask,
+                                                 dropout_p=0.0, is_causal=False)
+            value[:n] = out.transpose(1, 2).reshape(n, seq, -1).to(value.dtype)
+        hidden_states = attn.to_out[1](attn.to_out[0](value))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(b, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+    def _joint(self, attn, hidden_states, encoder_hidden_states):
+        batch, n_img = hidden_states.shape[0], hidden_states.shape[1]
+        n = self._rows(batch)
+        value = attn.to_v(hidden_states)
+        ctx_value = attn.add_v_proj(encoder_hidden_states) if encoder_hidden_states is not None else None
+        if n:
+            x = hidden_states[:n]
+            query, key = self._heads(attn.to_q(x), n, attn), self._heads(attn.to_k(x), n, attn)
+            if attn.norm_q is not None:
+                query = attn.norm_q(query)
+            if attn.norm_k is not None:
+                key = attn.norm_k(key)
+            v = self._heads(value[:n], n, attn)
+            if ctx_value is not None:
+                e = encoder_hidden_states[:n]
+                cq, ck = self._heads(attn.add_q_proj(e), n, attn), self._heads(attn.add_k_proj(e), n, attn)
+                if attn.norm_added_q is not None:
+                    cq = attn.norm_added_q(cq)
+                if attn.norm_added_k is not None:
+                    ck = attn.norm_added_k(ck)
+                query, key = torch.cat([query, cq], dim=2), torch.cat([key, ck], dim=2)
+                v = torch.cat([v, self._heads(ctx_value[:n], n, attn)], dim=2)
+            out = F.scaled_dot_product_attention(query, key, v, dropout_p=0.0, is_causal=False)
+            out = out.transpose(1, 2).reshape(n, out.shape[2], -1)
+            value[:n] = out[:, :n_img].to(value.dtype)
+            if ctx_value is not None:
+                ctx_value[:n] = out[:, n_img:].to(ctx_value.dtype)
+        hidden_states = attn.to_out[1](attn.to_out[0](value))
+        if ctx_value is None:
+            return hidden_states
+        if not attn.context_pre_only:
+            ctx_value = attn.to_add_out(ctx_value)
+        return hidden_states, ctx_value
+
+
+def self_attention_layers(model):
+    """[(name, Attention)] of the self-attention modules of a diffusers model, in module order."""
+    from diffusers.models.attention_processor import Attention
+    def is_self(name, m):
+        joint = getattr(m, "add_q_proj", None) is not None  # SD3/Flux joint attention: image + text tokens
+        return joint or (not m.is_cross_attention and not name.endswith("attn2"))
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, Attention) and is_self(name, m)]
+
+
+def apply_pag(model, layers, processor=None):
+    """Put `processor` (default: a new IdentityPAGProcessor()) on the self-attention layers selected by
+    `layers`: strings are regular expressions searched in module names (like diffusers' pag_applied_layers,
+    e.g. "mid", "down_blocks.1", r"transformer_blocks\\.3\\b"), ints index `self_attention_layers(model)`.
+    Returns the processor. The replaced processors are kept for `remove_pag`.
+    """
+    if isinstance(layers, (str, int)):
+        layers = [layers]
+    candidates = self_attention_layers(model)
+    if not candidates:
+        raise ValueError(f"fastguide.attention.apply_pag: {type(model).__name__} has no self-attention layers")
+    chosen = {}
+    for spec in layers:
+        if isinstance(spec, int) and not isinstance(spec, bool):
+            if not -len(candidates) <= spec < len(candidates):
+                raise ValueError(f"fastguide.attention.apply_pag: layer index {spec} out of range: "
+                                 f"{len(candidates)} self-attention layers")
+            hits = [candidates[spec]]
+        elif isinstance(spec, str):
+            hits = [(nm, m) for nm, m in candidates if re.search(spec, nm)]
+        else:
+            raise TypeError(f"fastguide.attention.apply_pag: layers must be str or int, got {spec!r}")
+        if not hits:
+            names = ", ".join(nm for nm, _ in candidates[:12]) + (" ..." if len(candidates) > 12 else "")
+            raise ValueError(f"fastguide.attention.apply_pag: layer {spec!r} matches no self-attention layer; "
+                             f"available: {names}")
+        chosen.update(hits)
+    processor = processor if processor is not None else IdentityPAGProcessor()
+    saved = getattr(model, "_fastguide_pag_saved", {})
+    for name, module in chosen.items():
+        saved.setdefault(name, module.processor)
+        module.set_processor(processor)
+    model._fastguide_pag_saved = saved
+    return processor
+
+
+def remove_pag(model):
+    """Restore the processors `apply_pag` replaced."""
+    saved = getattr(model, "_fastguide_pag_saved", {})
+    modules = dict(model.named_modules())
+    for name, proc in saved.items():
+        modules[name].set_processor(proc)
+    model._fastguide_pag_saved = {}
