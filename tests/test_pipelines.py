@@ -1,0 +1,216 @@
+"""`fastguide.enable(pipe, ...)` on real diffusers pipelines built from tiny configs (random weights, no download)."""
+import pytest
+import torch
+from diffusers import (AutoencoderKL, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                       StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                       UNet2DConditionModel)
+from diffusers import guiders as dg
+from diffusers.models.attention_processor import PAGCFGIdentitySelfAttnProcessor2_0
+
+import fastguide
+from fastguide import attention
+from test_frequency import fresca_cfg
+
+STEPS = 4
+
+
+def _vae():
+    torch.manual_seed(0)
+    return AutoencoderKL(block_out_channels=(8,), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                         up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=4, sample_size=16)
+
+
+def make_sd():
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8)
+    return StableDiffusionPipeline(vae=_vae(), text_encoder=None, tokenizer=None, unet=unet,
+                                   scheduler=EulerDiscreteScheduler(steps_offset=1), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
+def make_sdxl():
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8, addition_embed_type="text_time",
+        addition_time_embed_dim=4, projection_class_embeddings_input_dim=8 + 6 * 4)
+    return StableDiffusionXLPipeline(vae=_vae(), text_encoder=None, text_encoder_2=None, tokenizer=None,
+                                     tokenizer_2=None, unet=unet, scheduler=EulerDiscreteScheduler(steps_offset=1))
+
+
+def make_sd3():
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                                        num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                                        pooled_projection_dim=8, out_channels=4)
+    return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(),
+                                    text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                    text_encoder_3=None, tokenizer_3=None)
+
+
+def inputs(kind):
+    g = torch.Generator().manual_seed(7)
+    kw = dict(prompt_embeds=torch.randn(1, 5, 16, generator=g), negative_prompt_embeds=torch.randn(1, 5, 16, generator=g),
+              latents=torch.randn(1, 4, 16, 16, generator=g))
+    if kind != "sd":
+        kw.update(pooled_prompt_embeds=torch.randn(1, 8, generator=g),
+                  negative_pooled_prompt_embeds=torch.randn(1, 8, generator=g))
+    return kw
+
+
+def run(pipe, kind, scale=5.0):
+    with torch.no_grad():
+        return pipe(**inputs(kind), num_inference_steps=STEPS, guidance_scale=scale, output_type="latent", height=16,
+                    width=16).images
+
+
+MAKERS = {"sd": make_sd, "sdxl": make_sdxl, "sd3": make_sd3}
+
+
+def assert_close(ours, ref):
+    """Within fp32 rounding of the final latents. Random-weight denoisers blow latents up to ~1e3, and the
+    peers' own fp32 results move by ~4e-7 of that scale against float64, so the bound is relative to it."""
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("kind", list(MAKERS))
+def test_cfg_equals_stock_pipeline(kind):
+    pipe = MAKERS[kind]()
+    stock = run(pipe, kind)
+    fastguide.enable(pipe, guidance="cfg")
+    ours = run(pipe, kind)
+    assert_close(ours, stock)
+    fastguide.disable(pipe)
+    torch.testing.assert_close(run(pipe, kind), stock, rtol=0, atol=0)  # disable restores the denoiser exactly
+
+
+def hand_loop(pipe, kind, combine, scale=5.0, pag_layers=None):
+    """A hand-written Euler / flow-matching sampling loop around the bare denoiser:
+    combine(cond, uncond, perturbed, step, t) -> guided prediction (diffusers' guiders inside)."""
+    kw = inputs(kind)
+    sch = pipe.scheduler
+    sch.set_timesteps(STEPS)
+    x = kw["latents"] * (sch.init_noise_sigma if kind == "sd" else 1.0)
+    emb = torch.cat([kw["negative_prompt_embeds"], kw["prompt_embeds"]])
+    model = pipe.unet if kind == "sd" else pipe.transformer
+    saved = {}
+    if pag_layers:
+        for name, m in attention.self_attention_layers(model):
+            if any(s in name for s in pag_layers):
+                saved[name] = m.processor
+                m.set_processor(PAGCFGIdentitySelfAttnProcessor2_0())
+    with torch.no_grad():
+        for i, t in enumerate(sch.timesteps):
+            inp = torch.cat([x, x])
+            e = emb
+            if pag_layers:
+                inp, e = torch.cat([inp, inp[1:]]), torch.cat([e, e[1:]])
+            if kind == "sd":
+                pred = model(sch.scale_model_input(inp, t), t, encoder_hidden_states=e).sample
+            else:
+                pooled = torch.cat([kw["negative_pooled_prompt_embeds"], kw["pooled_prompt_embeds"]])
+                pred = model(hidden_states=inp, timestep=t.expand(inp.shape[0]), encoder_hidden_states=e,
+                             pooled_projections=pooled).sample
+            parts = pred.chunk(3 if pag_layers else 2)
+            x = sch.step(combine(parts[1], parts[0], parts[2] if pag_layers else None, i, t), t, x).prev_sample
+    modules = dict(model.named_modules())
+    for name, proc in saved.items():
+        modules[name].set_processor(proc)
+    return x
+
+
+def guider_combine(guider):
+    def combine(cond, uncond, perturbed, step, t):
+        guider.set_state(step=step, num_inference_steps=STEPS, timestep=t)
+        guider.prepare_inputs({})
+        return guider.forward(cond, uncond, perturbed).pred if perturbed is not None else guider.forward(cond, uncond).pred
+    return combine
+
+
+CASES = [
+    ("sd", "apg", dict(momentum=-0.5, norm_threshold=2.0, eta=0.5),
+     lambda: dg.AdaptiveProjectedGuidance(guidance_scale=5.0, adaptive_projected_guidance_momentum=-0.5,
+                                          adaptive_projected_guidance_rescale=2.0, eta=0.5)),
+    ("sd3", "apg", dict(momentum=0.3, norm_threshold=1.5, rescale=0.5),
+     lambda: dg.AdaptiveProjectedGuidance(guidance_scale=5.0, adaptive_projected_guidance_momentum=0.3,
+                                          adaptive_projected_guidance_rescale=1.5, guidance_rescale=0.5)),
+    ("sd", "cfg_zero_star", dict(zero_init_steps=1), lambda: dg.ClassifierFreeZeroStarGuidance(guidance_scale=5.0)),
+    ("sd", "fdg", dict(scales=(8.0, 3.0)), lambda: dg.FrequencyDecoupledGuidance(guidance_scales=[8.0, 3.0])),
+    ("sd3", "cfg", dict(rescale=0.7), lambda: dg.ClassifierFreeGuidance(guidance_scale=5.0, guidance_rescale=0.7)),
+]
+
+
+@pytest.mark.parametrize("kind,guidance,params,make_guider", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
+def test_guidance_equals_hand_written_loop_with_diffusers_guider(kind, guidance, params, make_guider):
+    pipe = MAKERS[kind]()
+    fastguide.enable(pipe, guidance=guidance, **params)
+    ours = run(pipe, kind)
+    fastguide.disable(pipe)
+    ref = hand_loop(pipe, kind, guider_combine(make_guider()))
+    assert_close(ours, ref)
+
+
+def test_frequency_equals_fresca_loop():
+    pipe = make_sd()
+    fastguide.enable(pipe, guidance="frequency", method="fft_box", cutoff=4, scale_low=5.0 * 1.0,
+                     scale_high=5.0 * 1.25)
+    ours = run(pipe, "sd")
+    fastguide.disable(pipe)
+    ref = hand_loop(pipe, "sd", lambda c, u, p, i, t: fresca_cfg(c.double(), u.double(), 5.0, 1.0, 1.25, 4).float())
+    assert_close(ours, ref)
+
+
+def test_pag_equals_diffusers_pag_processors_and_guider():
+    pipe = make_sd()
+    fastguide.enable(pipe, guidance="pag", pag_scale=3.0, layers=["mid"])
+    assert isinstance(pipe.unet.mid_block.attentions[0].transformer_blocks[0].attn1.processor,
+                      attention.IdentityPAGProcessor)
+    ours = run(pipe, "sd")
+    fastguide.disable(pipe)
+    assert not isinstance(pipe.unet.mid_block.attentions[0].transformer_blocks[0].attn1.processor,
+                          attention.IdentityPAGProcessor)
+    # diffusers' PAG guider skips step 0 (start < step is strict): start=-1 keeps it on at every step
+    guider = dg.PerturbedAttentionGuidance(guidance_scale=5.0, perturbed_guidance_scale=3.0,
+                                           perturbed_guidance_layers=[0], perturbed_guidance_start=-1.0,
+                                           perturbed_guidance_stop=1.0)
+    ref = hand_loop(pipe, "sd", guider_combine(guider), pag_layers=["mid"])
+    assert_close(ours, ref)
+    assert (ours - run(pipe, "sd")).abs().max() > 1e-4  # PAG changed the result
+
+
+def test_enable_is_idempotent_and_replaces_settings():
+    pipe = make_sd()
+    fastguide.enable(pipe, guidance="apg", norm_threshold=1.0)
+    fastguide.enable(pipe, guidance="cfg")  # replaces, never double-wraps
+    fastguide.enable(pipe, guidance="cfg")
+    assert pipe._fastguide.guidance == "cfg"
+    once = run(pipe, "sd")
+    fastguide.disable(pipe)
+    fastguide.disable(pipe)  # a no-op
+    assert "forward" not in pipe.unet.__dict__
+    assert_close(once, run(pipe, "sd"))
+
+
+def test_works_with_torch_compile_of_the_denoiser():
+    pipe = make_sd()
+    fastguide.enable(pipe, guidance="apg", momentum=-0.5, norm_threshold=2.0)
+    eager = run(pipe, "sd")
+    pipe.unet = torch.compile(pipe.unet, backend="eager")
+    assert_close(run(pipe, "sd"), eager)
+
+
+def test_bad_input_lists_what_is_supported():
+    pipe = make_sd()
+    with pytest.raises(ValueError, match="unknown guidance 'magic'; supported: .*'apg'"):
+        fastguide.enable(pipe, guidance="magic")
+    with pytest.raises(ValueError, match="takes .*not \\['bogus'\\]"):
+        fastguide.enable(pipe, guidance="cfg", bogus=1)
+    with pytest.raises(ValueError, match="matches no self-attention layer; available:"):
+        fastguide.enable(pipe, guidance="pag", layers=["no_such_layer"])
+    with pytest.raises(TypeError, match="supported pipelines: StableDiffusionPipeline"):
+        fastguide.enable(object(), guidance="cfg")
+    assert not fastguide.pipelines.is_enabled(pipe)  # nothing was half-applied
