@@ -14,6 +14,7 @@ act on [g, g] and is the identity up to rounding).
 """
 import inspect
 import math
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,10 +34,48 @@ PARAMS = {  # guidance -> {parameter: default}; "scale" None means the pipeline 
 }
 
 
-class _Guidance:
-    """The per-pipeline state: settings, the step counter, the APG momentum buffer."""
+@dataclass(frozen=True)
+class AG:
+    """Adaptive Guidance (Castillo et al., AAAI 2025): once cos(cond, guided) of a sample exceeds `threshold`,
+    stop evaluating its unconditional branch and run conditional-only steps for the rest of the trajectory.
+    The cosine comes from the fused `guidance_stats` (one pass, on device); the policy reads it once per
+    step (a host sync of B floats). threshold > 1 never switches (plain CFG); -1 switches after the first
+    guided step. The default 0.991 is a starting point: tune it per model and scale."""
+    threshold: float = 0.991
 
-    def __init__(self, pipe, denoiser, guidance, params):
+    def __post_init__(self):
+        if not isinstance(self.threshold, (int, float)) or not math.isfinite(self.threshold):
+            raise ValueError(f"fastguide.AG: threshold must be a finite float, got {self.threshold!r}")
+
+
+@dataclass
+class Report:
+    """What guidance cost in one pipeline call (per-sample network evaluations)."""
+    steps: int = 0
+    nfe: int = 0                 # denoiser rows evaluated (one row = one sample's prediction)
+    nfe_skipped: int = 0         # unconditional rows not evaluated (interval or AG)
+    ag_switch_step: list = field(default_factory=list)  # per sample: step where AG stopped the uncond pass
+
+
+class _Guidance:
+    """The per-pipeline state: settings, the step counter, the APG momentum buffer, AG/interval policy."""
+
+    def __init__(self, pipe, denoiser, guidance, params, adaptive=None, interval=None):
+        if adaptive is not None and not isinstance(adaptive, AG):
+            raise TypeError(f"fastguide.enable: adaptive must be a fastguide.AG, got {type(adaptive).__name__}")
+        if interval is not None:
+            if (not isinstance(interval, (tuple, list)) or len(interval) != 2
+                    or not all(isinstance(v, (int, float)) and not math.isnan(v) for v in interval)):
+                raise ValueError(f"fastguide.enable: interval must be (sigma_lo, sigma_hi), got {interval!r}")
+            if interval[0] > interval[1]:
+                raise ValueError(f"fastguide.enable: interval needs sigma_lo <= sigma_hi, got {tuple(interval)}")
+        if (adaptive is not None or interval is not None) and guidance in ("apg", "pag"):
+            raise ValueError(f"fastguide.enable: adaptive/interval skip rows per sample; guidance={guidance!r} "
+                             "(momentum state / perturbed rows) is not supported with them yet; use cfg, "
+                             "cfg_zero_star, frequency or fdg")
+        self.adaptive, self.interval = adaptive, (tuple(map(float, interval)) if interval is not None else None)
+        self.report = Report()
+        self.done = None  # per-sample AG flags of the current trajectory
         if guidance not in PARAMS:
             raise ValueError(f"fastguide.enable: unknown guidance {guidance!r}; supported: {sorted(PARAMS)}")
         unknown = sorted(set(params) - set(PARAMS[guidance]))
@@ -57,11 +96,27 @@ class _Guidance:
         t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
         if self.last_t is None or t > self.last_t:  # timesteps decrease within a trajectory: a new one began
             self.step = 0
+            self.done = None
+            self.report = Report()
+            self.pipe.fastguide_report = self.report
             if self.buffer is not None:
                 self.buffer.reset()
         else:
             self.step += 1
         self.last_t = t
+        self.report.steps = self.step + 1
+        return t
+
+    def _sigma(self, t):
+        """The noise level of timestep t: the scheduler's sigma (Euler, flow matching), else sqrt((1-a)/a)."""
+        sch = self.pipe.scheduler
+        ts = getattr(sch, "timesteps", None)
+        sigmas = getattr(sch, "sigmas", None)
+        if ts is not None and sigmas is not None and len(sigmas) > len(ts) - 1:
+            idx = (ts.float() - t).abs().argmin().item()
+            return float(sigmas[idx])
+        ac = sch.alphas_cumprod[int(round(t))]
+        return float(((1 - ac) / ac) ** 0.5)
 
     def guide(self, cond, uncond, perturbed):
         p, g = self.params, self.guidance
@@ -91,28 +146,74 @@ class _Guidance:
         bound = inspect.signature(forward).bind(*args, **kwargs)
         sample_name = next(iter(bound.arguments))  # sample / hidden_states: the batched latents
         batch = bound.arguments[sample_name].shape[0]
-        self._new_step(bound.arguments["timestep"])
+        half = batch // 2
+        t = self._new_step(bound.arguments["timestep"])
+        if self.adaptive is not None or self.interval is not None:
+            return self._skipping_call(forward, bound, batch, half, t)
         pag = self.guidance == "pag"
         if pag:  # [uncond, cond] -> [uncond, cond, cond]: every input batched like the latents gets its cond half again
-            half = batch // 2
             for name, value in bound.arguments.items():
-                bound.arguments[name] = _append_cond_rows(value, batch, half)
+                bound.arguments[name] = _map_batched(value, batch, lambda v: torch.cat([v, v[half:]]))
         out = forward(*bound.args, **bound.kwargs)
-        pred = out[0] if isinstance(out, tuple) else out.sample
+        pred = _prediction(out)
+        self.report.nfe += pred.shape[0]
         parts = pred.chunk(3 if pag else 2)
-        guided = self.guide(parts[1], parts[0], parts[2] if pag else None)
-        both = torch.cat([guided, guided])
-        if isinstance(out, tuple):
-            return (both,) + tuple(out[1:])
-        out.sample = both
-        return out
+        return _with_prediction(out, self.guide(parts[1], parts[0], parts[2] if pag else None))
+
+    def _skipping_call(self, forward, bound, batch, half, t):
+        """Evaluate the unconditional rows only of samples that still need guidance (interval, AG)."""
+        if self.done is None:
+            self.done = [False] * half
+            self.report.ag_switch_step = [None] * half
+        in_interval = self.interval is None or self.interval[0] <= self._sigma(t) <= self.interval[1]
+        guided = [i for i in range(half) if in_interval and not self.done[i]]
+        rows = guided + list(range(half, batch))  # uncond rows still needed, then every cond row
+        if len(rows) < batch:
+            idx = torch.tensor(rows, device=bound.arguments[next(iter(bound.arguments))].device)
+            for name, value in bound.arguments.items():
+                bound.arguments[name] = _map_batched(value, batch, lambda v: v.index_select(0, idx.to(v.device)))
+        out = forward(*bound.args, **bound.kwargs)
+        pred = _prediction(out)
+        self.report.nfe += len(rows)
+        self.report.nfe_skipped += batch - len(rows)
+        n = len(guided)
+        cond = pred[n:]
+        result = cond.clone() if n < half else None
+        if n:
+            gidx = torch.tensor(guided, device=pred.device)
+            g = self.guide(cond.index_select(0, gidx), pred[:n], None)
+            if self.adaptive is not None:
+                cos = ops.guidance_stats(cond.index_select(0, gidx), g, g).cos_cond_guided.tolist()  # the policy's sync
+                for i, c in zip(guided, cos):
+                    if c > self.adaptive.threshold and not self.done[i]:
+                        self.done[i] = True
+                        self.report.ag_switch_step[i] = self.step
+            if result is None:
+                result = g
+            else:
+                result.index_copy_(0, gidx, g)
+        return _with_prediction(out, result)
 
 
-def _append_cond_rows(value, batch, half):
+def _prediction(out):
+    return out[0] if isinstance(out, tuple) else out.sample
+
+
+def _with_prediction(out, guided):
+    """The denoiser's output with [guided, guided] as its prediction: the pipeline's CFG then yields guided."""
+    both = torch.cat([guided, guided])
+    if isinstance(out, tuple):
+        return (both,) + tuple(out[1:])
+    out.sample = both
+    return out
+
+
+def _map_batched(value, batch, fn):
+    """Apply fn to every tensor batched like the latents (dim 0 == batch), inside dicts too (SDXL's added_cond_kwargs)."""
     if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
-        return torch.cat([value, value[half:]])
-    if isinstance(value, dict):  # SDXL added_cond_kwargs
-        return {k: _append_cond_rows(v, batch, half) for k, v in value.items()}
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: _map_batched(v, batch, fn) for k, v in value.items()}
     return value
 
 
@@ -123,17 +224,21 @@ def _denoiser(pipe):
     return pipe.transformer if name == "StableDiffusion3Pipeline" else pipe.unet
 
 
-def enable(pipe, guidance="cfg", **params):
+def enable(pipe, guidance="cfg", *, adaptive=None, interval=None, **params):
     """Make `pipe`'s classifier-free guidance compute `guidance` with fastguide's fused ops.
 
     guidance: "cfg" (scale, rescale, original), "apg" (scale, eta, norm_threshold, momentum, norm_dim,
     rescale, original), "pag" (scale, pag_scale, layers, rescale, original), "cfg_zero_star" (scale,
     zero_init_steps, rescale, original), "frequency" (scale_low, scale_high, method, cutoff, size, rescale,
     original), "fdg" (scales, parallel_weights, rescale, original). A scale left as None follows the
-    pipeline call's guidance_scale. Returns the pipeline.
+    pipeline call's guidance_scale.
+    adaptive=fastguide.AG(threshold): Adaptive Guidance, per sample. interval=(sigma_lo, sigma_hi):
+    limited-interval guidance (Kynkaeaenniemi et al. 2024), no unconditional pass outside it. With either,
+    the denoiser runs only the rows that are needed; `pipe.fastguide_report` counts the evaluations.
+    Returns the pipeline.
     """
     denoiser = _denoiser(pipe)
-    state = _Guidance(pipe, denoiser, guidance, params)  # validates before anything changes
+    state = _Guidance(pipe, denoiser, guidance, params, adaptive, interval)  # validates before anything changes
     disable(pipe)
     if guidance == "pag":
         state.processor = apply_pag(denoiser, list(state.params["layers"]), IdentityPAGProcessor(chunks=3))

@@ -214,3 +214,76 @@ def test_bad_input_lists_what_is_supported():
     with pytest.raises(TypeError, match="supported pipelines: StableDiffusionPipeline"):
         fastguide.enable(object(), guidance="cfg")
     assert not fastguide.pipelines.is_enabled(pipe)  # nothing was half-applied
+
+
+# --- saving network passes: Adaptive Guidance and limited-interval guidance -----------------------
+def cfg_step(cond, uncond, scale=5.0):
+    return uncond + scale * (cond - uncond)
+
+
+@pytest.mark.parametrize("kind", ["sd", "sd3"])
+def test_ag_above_one_is_plain_cfg(kind):
+    pipe = MAKERS[kind]()
+    fastguide.enable(pipe, guidance="cfg")
+    plain = run(pipe, kind)
+    fastguide.enable(pipe, guidance="cfg", adaptive=fastguide.AG(threshold=1.5))
+    ours = run(pipe, kind)
+    torch.testing.assert_close(ours, plain, rtol=0, atol=0)
+    r = pipe.fastguide_report
+    assert (r.steps, r.nfe, r.nfe_skipped, r.ag_switch_step) == (STEPS, 2 * STEPS, 0, [None])
+
+
+@pytest.mark.parametrize("kind", ["sd", "sd3"])
+def test_ag_minus_one_is_conditional_only_after_first_step(kind):
+    pipe = MAKERS[kind]()
+    fastguide.enable(pipe, guidance="cfg", adaptive=fastguide.AG(threshold=-1.0))
+    ours = run(pipe, kind)
+    r = pipe.fastguide_report
+    assert (r.nfe, r.nfe_skipped, r.ag_switch_step) == (STEPS + 1, STEPS - 1, [0])
+    fastguide.disable(pipe)
+    ref = hand_loop(pipe, kind, lambda c, u, p, i, t: cfg_step(c, u) if i == 0 else c)
+    assert_close(ours, ref)
+
+
+@pytest.mark.parametrize("kind", ["sd", "sd3"])
+def test_interval_guidance_equals_hand_loop(kind):
+    pipe = MAKERS[kind]()
+    pipe.scheduler.set_timesteps(STEPS)
+    sigmas = [float(s) for s in pipe.scheduler.sigmas[:STEPS]]
+    lo, hi = sigmas[2], sigmas[1]  # guide steps 1 and 2 only
+    fastguide.enable(pipe, guidance="cfg", interval=(lo, hi))
+    ours = run(pipe, kind)
+    r = pipe.fastguide_report
+    assert (r.nfe, r.nfe_skipped) == (STEPS + 2, STEPS - 2)
+    fastguide.disable(pipe)
+    ref = hand_loop(pipe, kind, lambda c, u, p, i, t: cfg_step(c, u) if i in (1, 2) else c)
+    assert_close(ours, ref)
+
+
+def test_ag_with_two_samples_per_prompt_slices_every_batched_input():
+    """SDXL: latents, prompt embeds and added_cond_kwargs (text_embeds, time_ids) are sliced to the needed rows."""
+    pipe = make_sdxl()
+    fastguide.enable(pipe, guidance="cfg", adaptive=fastguide.AG(threshold=-1.0))
+    kw = inputs("sdxl")
+    kw["latents"] = torch.cat([kw["latents"], kw["latents"].flip(-1)])
+    with torch.no_grad():
+        out = pipe(**kw, num_images_per_prompt=2, num_inference_steps=STEPS, guidance_scale=5.0,
+                   output_type="latent", height=16, width=16).images
+    r = pipe.fastguide_report
+    assert out.shape == (2, 4, 16, 16) and torch.isfinite(out).all()
+    assert (r.nfe, r.nfe_skipped, r.ag_switch_step) == (2 * (STEPS + 1), 2 * (STEPS - 1), [0, 0])
+
+
+def test_policy_bad_input():
+    pipe = make_sd()
+    with pytest.raises(ValueError, match="threshold must be a finite float"):
+        fastguide.AG(threshold=float("nan"))
+    with pytest.raises(ValueError, match="sigma_lo <= sigma_hi"):
+        fastguide.enable(pipe, guidance="cfg", interval=(5.0, 1.0))
+    with pytest.raises(ValueError, match="interval must be"):
+        fastguide.enable(pipe, guidance="cfg", interval=(float("nan"), 1.0))
+    with pytest.raises(ValueError, match="not supported with them yet"):
+        fastguide.enable(pipe, guidance="apg", adaptive=fastguide.AG())
+    with pytest.raises(TypeError, match="must be a fastguide.AG"):
+        fastguide.enable(pipe, guidance="cfg", adaptive=0.9)
+    assert not fastguide.pipelines.is_enabled(pipe)
