@@ -27,6 +27,8 @@ inline constexpr const char* kSchemas[] = {
     "frequency_cfg(Tensor cond, Tensor uncond, Tensor ah, Tensor aw, Tensor? low_t, float low, Tensor? high_t, "
     "float high, bool original) -> Tensor",
     "frequency_split(Tensor x, Tensor ah, Tensor aw) -> Tensor",
+    // cfgpp.cpp: x_next = a x + b (u + scale (c - u)) + c u (the coefficients come from the wrappers).
+    "cfgpp_step(Tensor x, Tensor cond, Tensor uncond, float a, float b, float c, Tensor? scale_t, float scale) -> Tensor",
 };
 
 // FASTGUIDE_POISON_OUTPUTS=1 (set by the test suite) fills every output with NaN before the

@@ -7,8 +7,9 @@
 """
 from .frequency import fdg, frequency_cfg, frequency_split
 from .pipelines import AG, disable, enable
-from .ops import GuidanceStats, MomentumBuffer, apg, backends, cfg, cfg_zero_star, guidance_stats, pag, rescale
+from .ops import (GuidanceStats, MomentumBuffer, apg, backends, cfg, cfg_zero_star, cfgpp_ddim_step, cfgpp_euler_step,
+                  guidance_stats, pag, rescale)
 
 __version__ = "0.1.0"
-__all__ = ["AG", "GuidanceStats", "MomentumBuffer", "apg", "backends", "cfg", "cfg_zero_star", "disable", "enable", "fdg", "frequency_cfg",
+__all__ = ["AG", "GuidanceStats", "MomentumBuffer", "apg", "backends", "cfg", "cfg_zero_star", "cfgpp_ddim_step", "cfgpp_euler_step", "disable", "enable", "fdg", "frequency_cfg",
            "frequency_split", "guidance_stats", "pag", "rescale", "__version__"]

@@ -115,3 +115,10 @@ def frequency_cfg(cond, uncond, ah, aw, low_t, low, high_t, high, original):
     lo = _lowpass(d, ah, aw)
     out = (c if original else u) + _per_sample(low_t, low, c) * lo + _per_sample(high_t, high, c) * (d - lo)
     return out.to(cond.dtype)
+
+
+def cfgpp_step(x, cond, uncond, a, b, c, scale_t, scale):
+    acc = _acc(cond)
+    u = uncond.to(acc)
+    g = u + _per_sample(scale_t, scale, u) * (cond.to(acc) - u)
+    return (a * x.to(acc) + b * g + c * u).to(cond.dtype)

@@ -32,6 +32,8 @@ SCHEMAS = (
     "frequency_cfg(Tensor cond, Tensor uncond, Tensor ah, Tensor aw, Tensor? low_t, float low, Tensor? high_t, "
     "float high, bool original) -> Tensor",
     "frequency_split(Tensor x, Tensor ah, Tensor aw) -> Tensor",
+    # cfgpp.cpp: x_next = a x + b (u + scale (c - u)) + c u (the coefficients come from the wrappers).
+    "cfgpp_step(Tensor x, Tensor cond, Tensor uncond, float a, float b, float c, Tensor? scale_t, float scale) -> Tensor",
 )
 OPS = tuple(s.split("(", 1)[0] for s in SCHEMAS)
 
@@ -49,12 +51,14 @@ try:
     import triton
 
     from .kernels import apg as _triton_apg
+    from .kernels import cfgpp as _triton_cfgpp
     from .kernels import frequency as _triton_frequency
     from .kernels import guidance as _triton_guidance
 
     _TRITON = {"cfg": _triton_guidance, "pag": _triton_guidance, "cfg_zero_star": _triton_guidance,
                "apg": _triton_apg, "guidance_stats": _triton_apg,
-               "frequency_cfg": _triton_frequency, "frequency_split": _triton_frequency}
+               "frequency_cfg": _triton_frequency, "frequency_split": _triton_frequency,
+               "cfgpp_step": _triton_cfgpp}
     CUDA_BACKEND, CUDA_ERROR = f"Triton {triton.__version__}", None
 except Exception as exc:  # noqa: BLE001 - triton missing or broken: fall back, say why
     _TRITON, CUDA_BACKEND, CUDA_ERROR = {}, None, f"{type(exc).__name__}: {exc}"
@@ -382,3 +386,46 @@ def guidance_stats(cond, uncond, guided=None, *, norm_dim=None):
     xs = [x if x is None or perm is None else x.permute(perm) for x in (cond, uncond, guided)]
     raw = _op["guidance_stats"](xs[0], xs[1], xs[2], K)
     return GuidanceStats(raw.view([cond.shape[d] for d in kept] + [7]), guided is not None)
+
+
+# --- CFG++ sampler steps ---------------------------------------------------------------------------
+def _cfgpp_args(op, x, cond, uncond, scale, allow_extrapolation):
+    _check_pair(op, cond, uncond, "uncond")
+    _check_pair(op, cond, x, "x")
+    st, s = _scale(op, "scale", scale, cond)
+    if st is None and not allow_extrapolation and not 0.0 <= s <= 1.0:
+        raise ValueError(f"fastguide.{op}: CFG++ takes scale (lambda) in [0, 1], got {s}; "
+                         "pass allow_extrapolation=True to use it outside")
+    return st, s
+
+
+def _finite(op, **values):
+    for name, v in values.items():
+        if not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
+            raise ValueError(f"fastguide.{op}: {name} must be a finite float, got {v!r}")
+
+
+def cfgpp_euler_step(x, cond, uncond, scale, sigma, sigma_next, *, allow_extrapolation=False):
+    """One CFG++ Euler step (Chung et al. 2024; ComfyUI's `sample_euler_cfg_pp`) for epsilon predictions in
+    sigma space (diffusers' EulerDiscreteScheduler, k-diffusion): the clean estimate uses the guided
+    epsilon g = uncond + scale * (cond - uncond), the renoising uses the unconditional one:
+        x0 = x - sigma * g;   x_next = x0 + sigma_next * uncond.
+    `scale` is CFG++'s lambda in [0, 1] (a float, 0-d or [B] tensor). One fused pass over x, cond, uncond.
+    """
+    st, s = _cfgpp_args("cfgpp_euler_step", x, cond, uncond, scale, allow_extrapolation)
+    _finite("cfgpp_euler_step", sigma=sigma, sigma_next=sigma_next)
+    return _op["cfgpp_step"](x, cond, uncond, 1.0, -float(sigma), float(sigma_next), st, s)
+
+
+def cfgpp_ddim_step(x, cond, uncond, scale, alpha_prod_t, alpha_prod_prev, *, allow_extrapolation=False):
+    """One deterministic CFG++ DDIM step (eta = 0) for epsilon predictions (diffusers' DDIMScheduler):
+        x0 = (x - sqrt(1 - a_t) g) / sqrt(a_t);   x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev) uncond,
+    g = uncond + scale * (cond - uncond), a = alphas_cumprod. One fused pass.
+    """
+    st, s = _cfgpp_args("cfgpp_ddim_step", x, cond, uncond, scale, allow_extrapolation)
+    _finite("cfgpp_ddim_step", alpha_prod_t=alpha_prod_t, alpha_prod_prev=alpha_prod_prev)
+    at, ap = float(alpha_prod_t), float(alpha_prod_prev)
+    if not (0.0 < at <= 1.0 and 0.0 < ap <= 1.0):
+        raise ValueError(f"fastguide.cfgpp_ddim_step: alphas_cumprod values must be in (0, 1], got {at}, {ap}")
+    return _op["cfgpp_step"](x, cond, uncond, math.sqrt(ap / at), -math.sqrt(ap) * math.sqrt(1.0 - at) / math.sqrt(at),
+                             math.sqrt(1.0 - ap), st, s)
