@@ -24,6 +24,6 @@ log="$out/log.txt"
   echo "== tests (CUDA: Triton kernels compiled for the GPU, torch.compile on CUDA)"
   python -m pytest -q tests 2>&1 | tail -15
   echo "== bench"
-  python -m fastguide bench --dtype fp32,bf16 --csv "$out/bench.csv" --plot "$out/bench.png" --compile-step
+  python -m fastguide bench --shapes all --dtype fp32,bf16 --csv "$out/bench.csv" --plot "$out/bench.png" --compile-step
 } 2>&1 | tee "$log"
 echo "results in $out"

@@ -41,7 +41,7 @@ SHAPES = {
 # The size sweep: 2^14 .. 2^26 elements as [2, n/2].
 SWEEP = {f"2^{k}": (2, 2 ** (k - 1)) for k in range(14, 27, 2)}
 ALL_SHAPES = {**SHAPES, **SWEEP}
-DEFAULT_SHAPES = tuple(SHAPES) + ("sweep",)
+DEFAULT_SHAPES = ("sdxl", "flux", "video")  # `--shapes all`: every named shape and the size sweep
 QUICK_SHAPES = ("sdxl",)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 IMPLS = ("fastguide", "diffusers", "eager", "compile", "floor")
@@ -430,6 +430,74 @@ def format_step_table(rows):
     return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(c) for c in lines])
 
 
+# --- end to end: network evaluations saved -------------------------------------------------------
+def tiny_sd_pipeline(device):
+    """A real StableDiffusionPipeline from tiny configs (random weights, no download): the UNet of
+    `tiny_unet`, a one-block VAE, Euler; prompts enter as embeddings (no tokenizer)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8,), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=4, sample_size=16)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=tiny_unet(device),
+                                   scheduler=EulerDiscreteScheduler(steps_offset=1), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def e2e_bench(device, steps=(30, 50), size=32, progress=None):
+    """NFEs and wall time of a whole sampling run with CFG, Adaptive Guidance and interval guidance, and how far
+    each final result is from full CFG (relative L2 of the latents, PSNR of the decoded images)."""
+    import time
+    pipe = tiny_sd_pipeline(device)
+    g = torch.Generator().manual_seed(0)
+    emb, neg = torch.randn(1, 7, 32, generator=g), torch.randn(1, 7, 32, generator=g)
+    latents = torch.randn(1, 4, size, size, generator=g)
+    rows = []
+    for n in steps:
+        pipe.scheduler.set_timesteps(n)
+        sig = [float(s) for s in pipe.scheduler.sigmas[:n]]
+        policies = {"cfg": {}, "ag(0.991)": {"adaptive": ops_ag(0.991)}, "ag(0.95)": {"adaptive": ops_ag(0.95)},
+                    "interval(middle)": {"interval": (sig[int(0.8 * n)], sig[int(0.2 * n)])}}
+        ref_img = ref_lat = None
+        for name, kw in policies.items():
+            if progress:
+                progress(f"e2e {n} steps {name}")
+            from .pipelines import disable, enable
+            enable(pipe, guidance="cfg", **kw)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                lat = pipe(prompt_embeds=emb.to(device), negative_prompt_embeds=neg.to(device),
+                           latents=latents.to(device), num_inference_steps=n, guidance_scale=7.5,
+                           output_type="latent", height=size, width=size).images
+            wall = time.perf_counter() - t0
+            report = pipe.fastguide_report
+            disable(pipe)
+            with torch.no_grad():
+                img = pipe.vae.decode(lat / pipe.vae.config.scaling_factor).sample.clamp(-1, 1)
+            if ref_lat is None:
+                ref_lat, ref_img = lat, img
+            mse = ((img - ref_img) ** 2).mean().item()
+            rows.append({"steps": n, "policy": name, "nfe": report.nfe, "nfe_skipped": report.nfe_skipped,
+                         "wall_s": wall, "rel_l2_latents": ((lat - ref_lat).norm() / ref_lat.norm()).item(),
+                         "psnr_db": float("inf") if mse == 0 else 10 * math.log10(4.0 / mse)})
+    return rows
+
+
+def ops_ag(threshold):
+    from .pipelines import AG
+    return AG(threshold=threshold)
+
+
+def format_e2e_table(rows):
+    head = ["steps", "policy", "NFE", "skipped", "wall s", "rel L2 vs CFG", "PSNR dB vs CFG"]
+    lines = [[r["steps"], r["policy"], r["nfe"], r["nfe_skipped"], f"{r['wall_s']:.3f}", f"{r['rel_l2_latents']:.2e}",
+              f"{r['psnr_db']:.1f}"] for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
+    fmt = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(c) for c in lines])
+
+
 def _progress(total):
     try:
         from tqdm import tqdm
@@ -447,8 +515,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="fastguide bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ops", default=",".join(CASES), help=f"comma list from {','.join(CASES)}")
-    p.add_argument("--shapes", default=None, help=f"comma list from {','.join(SHAPES)},sweep or a sweep point "
-                   f"like 2^20 (default: all of them)")
+    p.add_argument("--shapes", default=None, help=f"comma list from {','.join(SHAPES)}, sweep (2^14..2^26 elements), "
+                   f"a sweep point like 2^20, or all (default: {','.join(DEFAULT_SHAPES)})")
     p.add_argument("--dtype", default="fp32", help="comma list from fp32,fp16,bf16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--impls", default=",".join(IMPLS), help=f"comma list from {','.join(IMPLS)}")
@@ -458,6 +526,8 @@ def main(argv=None):
     p.add_argument("--step", choices=("auto", "on", "off"), default="auto",
                    help="per-denoising-step section on a tiny diffusers UNet (auto: on unless --quick)")
     p.add_argument("--compile-step", action="store_true", help="also time the step with torch.compile(unet)")
+    p.add_argument("--e2e", choices=("auto", "on", "off"), default="auto",
+                   help="end-to-end NFEs and wall time with CFG, AG and interval guidance (auto: on unless --quick)")
     a = p.parse_args(argv)
 
     def pick(text, known, what):
@@ -469,8 +539,8 @@ def main(argv=None):
 
     shapes = []
     for name in pick(a.shapes or ",".join(QUICK_SHAPES if a.quick else DEFAULT_SHAPES),
-                     {**ALL_SHAPES, "sweep": None}, "shape"):
-        shapes += list(SWEEP) if name == "sweep" else [name]
+                     {**ALL_SHAPES, "sweep": None, "all": None}, "shape"):
+        shapes += list(SWEEP) if name == "sweep" else list(ALL_SHAPES) if name == "all" else [name]
     impls = pick(a.impls, IMPLS, "implementation")
     ops_ = pick(a.ops, CASES, "op")
     dtypes = pick(a.dtype, DTYPES, "dtype")
@@ -490,6 +560,11 @@ def main(argv=None):
                                progress=lambda s: print(f"  ... {s}", file=sys.stderr, flush=True))
         print("\nper denoising step (tiny SD-style UNet2DConditionModel, batch 2 = cond + uncond):")
         print(format_step_table(step_rows))
+    e2e_rows = []
+    if a.e2e == "on" or (a.e2e == "auto" and not a.quick):
+        e2e_rows = e2e_bench(device, progress=lambda s: print(f"  ... {s}", file=sys.stderr, flush=True))
+        print("\nend to end (tiny StableDiffusionPipeline, Euler, guidance 7.5; differences against full CFG):")
+        print(format_e2e_table(e2e_rows))
     if a.csv:
         fields = list(env) + sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k)
                                     if k in rows[0] else 1000)
@@ -499,6 +574,14 @@ def main(argv=None):
             for r in rows:
                 w.writerow({**env, **r})
         print(f"wrote {a.csv}")
+        if e2e_rows:
+            e2e_csv = os.path.splitext(a.csv)[0] + "_e2e.csv"
+            with open(e2e_csv, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(env) + list(e2e_rows[0]))
+                w.writeheader()
+                for r in e2e_rows:
+                    w.writerow({**env, **r})
+            print(f"wrote {e2e_csv}")
         if step_rows:
             step_csv = os.path.splitext(a.csv)[0] + "_step.csv"
             with open(step_csv, "w", newline="") as f:

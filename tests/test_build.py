@@ -110,3 +110,13 @@ def test_step_bench_on_tiny_unet():
     for r in rows:
         assert r["denoiser_ms"] > 0 and 0 < r["fastguide_share"] < 1 and r["step_speedup"] > 0
     assert "step speed-up" in bench.format_step_table(rows)
+
+
+def test_e2e_bench_counts_network_evaluations():
+    rows = bench.e2e_bench(torch.device("cpu"), steps=(10,), size=8)
+    by = {r["policy"]: r for r in rows}
+    assert by["cfg"]["nfe"] == 20 and by["cfg"]["nfe_skipped"] == 0 and by["cfg"]["rel_l2_latents"] == 0
+    for name, r in by.items():
+        assert r["nfe"] + r["nfe_skipped"] == 20 and r["wall_s"] > 0, name
+    assert by["interval(middle)"]["nfe_skipped"] == 3  # sigmas of steps 2..8 lie inside: steps 0, 1, 9 skip
+    assert "PSNR" in bench.format_e2e_table(rows)
