@@ -446,8 +446,9 @@ def tiny_sd_pipeline(device):
 
 
 def e2e_bench(device, steps=(30, 50), size=32, progress=None):
-    """NFEs and wall time of a whole sampling run with CFG, Adaptive Guidance and interval guidance, and how far
-    each final result is from full CFG (relative L2 of the latents, PSNR of the decoded images)."""
+    """NFEs and wall time of a whole sampling run with CFG, Adaptive Guidance, interval guidance and LinearAG
+    (calibrated on two other prompts), and how far each final result is from full CFG (relative L2 of the
+    latents, PSNR of the decoded images)."""
     import time
     pipe = tiny_sd_pipeline(device)
     g = torch.Generator().manual_seed(0)
@@ -457,8 +458,12 @@ def e2e_bench(device, steps=(30, 50), size=32, progress=None):
     for n in steps:
         pipe.scheduler.set_timesteps(n)
         sig = [float(s) for s in pipe.scheduler.sigmas[:n]]
+        from .pipelines import calibrate_linear_ag
+        cal = [torch.randn(1, 7, 32, generator=g).to(device) for _ in range(4)]  # calibration prompts != eval prompt
+        lag = calibrate_linear_ag(pipe, cal[:2], cal[2:], n, guidance_scale=7.5, height=size, width=size)
         policies = {"cfg": {}, "ag(0.991)": {"adaptive": ops_ag(0.991)}, "ag(0.95)": {"adaptive": ops_ag(0.95)},
-                    "interval(middle)": {"interval": (sig[int(0.8 * n)], sig[int(0.2 * n)])}}
+                    "interval(middle)": {"interval": (sig[int(0.8 * n)], sig[int(0.2 * n)])},
+                    "linear_ag": {"linear_ag": lag}}
         ref_img = ref_lat = None
         for name, kw in policies.items():
             if progress:

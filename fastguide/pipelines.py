@@ -48,6 +48,64 @@ class AG:
             raise ValueError(f"fastguide.AG: threshold must be a finite float, got {self.threshold!r}")
 
 
+@dataclass(frozen=True)
+class LinearAG:
+    """LinearAG (Castillo et al., AAAI 2025): at the listed steps the unconditional prediction is not evaluated
+    but predicted from past estimates, u_i ~ a cond_i + b cond_{i-1} + c uncond_{i-1}, one (a, b, c) per step,
+    fitted by `calibrate_linear_ag` on full-CFG runs. This DEVIATES from the base model's CFG (it is a
+    learned approximation); check the result against full CFG on your own prompts. Our formulation of the
+    paper's affine predictor; the coefficients are per step and shared by all pixels and samples."""
+    coefficients: dict  # step -> (a, b, c)
+    num_inference_steps: int
+
+
+def fit_linear_ag(history, steps):
+    """Least-squares (a, b, c) per step from recorded trajectories: history is a list (one per calibration run)
+    of per-step (cond, uncond) predictions. fp64 normal equations of three regressors."""
+    coefficients = {}
+    for i in steps:
+        if i < 1:
+            raise ValueError(f"fastguide.fit_linear_ag: step {i} has no previous step to predict from")
+        xs, ys = [], []
+        for run in history:
+            (c_prev, u_prev), (c_i, u_i) = run[i - 1], run[i]
+            xs.append(torch.stack([c_i.flatten(), c_prev.flatten(), u_prev.flatten()], 1).double())
+            ys.append(u_i.flatten().double())
+        X, y = torch.cat(xs), torch.cat(ys)
+        sol = torch.linalg.lstsq(X.cpu(), y.cpu()[:, None]).solution.flatten()
+        coefficients[i] = tuple(float(v) for v in sol)
+    return coefficients
+
+
+def calibrate_linear_ag(pipe, prompt_embeds, negative_prompt_embeds, num_inference_steps, steps=None, **call_kwargs):
+    """Fit LinearAG coefficients on full-CFG runs of `pipe` (one run per (prompt_embeds[k], negative[k]) pair;
+    pass other pipeline arguments, e.g. guidance_scale, height, width, generator, in call_kwargs).
+    `steps` (default: every other step of the first half, from step 1) are the steps whose unconditional
+    pass LinearAG will replace. Returns a LinearAG for `enable(pipe, linear_ag=...)`."""
+    if steps is None:
+        steps = list(range(1, num_inference_steps // 2, 2))
+    steps = sorted(int(s) for s in steps)
+    if any(not 1 <= s < num_inference_steps for s in steps):
+        raise ValueError(f"fastguide.calibrate_linear_ag: steps must lie in [1, {num_inference_steps}), got {steps}")
+    previous = getattr(pipe, "_fastguide", None)
+    history = []
+    try:
+        for pos, neg in zip(prompt_embeds, negative_prompt_embeds):
+            enable(pipe, guidance="cfg")
+            pipe._fastguide.record = []
+            with torch.no_grad():
+                pipe(prompt_embeds=pos, negative_prompt_embeds=neg, num_inference_steps=num_inference_steps,
+                     output_type="latent", **call_kwargs)
+            history.append(pipe._fastguide.record)
+    finally:
+        disable(pipe)
+        if previous is not None:
+            enable(pipe, previous.guidance, adaptive=previous.adaptive, interval=previous.interval,
+                   linear_ag=previous.linear_ag, **{k: v for k, v in previous.params.items()
+                                                   if v != PARAMS[previous.guidance][k]})
+    return LinearAG(fit_linear_ag(history, steps), num_inference_steps)
+
+
 @dataclass
 class Report:
     """What guidance cost in one pipeline call (per-sample network evaluations)."""
@@ -60,7 +118,7 @@ class Report:
 class _Guidance:
     """The per-pipeline state: settings, the step counter, the APG momentum buffer, AG/interval policy."""
 
-    def __init__(self, pipe, denoiser, guidance, params, adaptive=None, interval=None):
+    def __init__(self, pipe, denoiser, guidance, params, adaptive=None, interval=None, linear_ag=None):
         if adaptive is not None and not isinstance(adaptive, AG):
             raise TypeError(f"fastguide.enable: adaptive must be a fastguide.AG, got {type(adaptive).__name__}")
         if interval is not None:
@@ -69,10 +127,17 @@ class _Guidance:
                 raise ValueError(f"fastguide.enable: interval must be (sigma_lo, sigma_hi), got {interval!r}")
             if interval[0] > interval[1]:
                 raise ValueError(f"fastguide.enable: interval needs sigma_lo <= sigma_hi, got {tuple(interval)}")
-        if (adaptive is not None or interval is not None) and guidance in ("apg", "pag"):
-            raise ValueError(f"fastguide.enable: adaptive/interval skip rows per sample; guidance={guidance!r} "
+        if linear_ag is not None and not isinstance(linear_ag, LinearAG):
+            raise TypeError(f"fastguide.enable: linear_ag must be a fastguide.LinearAG, got {type(linear_ag).__name__}")
+        if linear_ag is not None and (adaptive is not None or interval is not None):
+            raise ValueError("fastguide.enable: linear_ag cannot be combined with adaptive or interval")
+        if (adaptive is not None or interval is not None or linear_ag is not None) and guidance in ("apg", "pag"):
+            raise ValueError(f"fastguide.enable: adaptive/interval/linear_ag skip rows per sample; guidance={guidance!r} "
                              "(momentum state / perturbed rows) is not supported with them yet; use cfg, "
                              "cfg_zero_star, frequency or fdg")
+        self.linear_ag = linear_ag
+        self.record = None      # calibration: per-step (cond, uncond) of full-CFG runs
+        self.history = None     # LinearAG: the previous step's (cond, uncond)
         self.adaptive, self.interval = adaptive, (tuple(map(float, interval)) if interval is not None else None)
         self.report = Report()
         self.done = None  # per-sample AG flags of the current trajectory
@@ -150,6 +215,8 @@ class _Guidance:
         t = self._new_step(bound.arguments["timestep"])
         if self.adaptive is not None or self.interval is not None:
             return self._skipping_call(forward, bound, batch, half, t)
+        if self.linear_ag is not None:
+            return self._linear_ag_call(forward, bound, batch, half)
         pag = self.guidance == "pag"
         if pag:  # [uncond, cond] -> [uncond, cond, cond]: every input batched like the latents gets its cond half again
             for name, value in bound.arguments.items():
@@ -158,7 +225,35 @@ class _Guidance:
         pred = _prediction(out)
         self.report.nfe += pred.shape[0]
         parts = pred.chunk(3 if pag else 2)
+        if self.record is not None:
+            self.record.append((parts[1].detach().clone(), parts[0].detach().clone()))
         return _with_prediction(out, self.guide(parts[1], parts[0], parts[2] if pag else None))
+
+    def _linear_ag_call(self, forward, bound, batch, half):
+        """LinearAG: at calibrated steps, run the conditional rows only and predict the unconditional ones."""
+        if self.step == 0:
+            self.history = None
+        coef = self.linear_ag.coefficients.get(self.step)
+        if coef is not None and self.history is None:
+            raise ValueError(f"fastguide LinearAG: step {self.step} is predicted from the previous step, which did not run")
+        if coef is not None:
+            idx = torch.arange(half, batch, device=bound.arguments[next(iter(bound.arguments))].device)
+            for name, value in bound.arguments.items():
+                bound.arguments[name] = _map_batched(value, batch, lambda v: v.index_select(0, idx.to(v.device)))
+        out = forward(*bound.args, **bound.kwargs)
+        pred = _prediction(out)
+        if coef is None:
+            uncond, cond = pred.chunk(2)
+            self.report.nfe += batch
+        else:
+            cond = pred
+            a, b, c = coef
+            c_prev, u_prev = self.history
+            uncond = a * cond + b * c_prev + c * u_prev
+            self.report.nfe += half
+            self.report.nfe_skipped += half
+        self.history = (cond, uncond)
+        return _with_prediction(out, self.guide(cond, uncond, None))
 
     def _skipping_call(self, forward, bound, batch, half, t):
         """Evaluate the unconditional rows only of samples that still need guidance (interval, AG)."""
@@ -224,7 +319,7 @@ def _denoiser(pipe):
     return pipe.transformer if name == "StableDiffusion3Pipeline" else pipe.unet
 
 
-def enable(pipe, guidance="cfg", *, adaptive=None, interval=None, **params):
+def enable(pipe, guidance="cfg", *, adaptive=None, interval=None, linear_ag=None, **params):
     """Make `pipe`'s classifier-free guidance compute `guidance` with fastguide's fused ops.
 
     guidance: "cfg" (scale, rescale, original), "apg" (scale, eta, norm_threshold, momentum, norm_dim,
@@ -235,10 +330,11 @@ def enable(pipe, guidance="cfg", *, adaptive=None, interval=None, **params):
     adaptive=fastguide.AG(threshold): Adaptive Guidance, per sample. interval=(sigma_lo, sigma_hi):
     limited-interval guidance (Kynkaeaenniemi et al. 2024), no unconditional pass outside it. With either,
     the denoiser runs only the rows that are needed; `pipe.fastguide_report` counts the evaluations.
+    linear_ag=calibrate_linear_ag(...): LinearAG, predicted unconditional passes (deviates from the model).
     Returns the pipeline.
     """
     denoiser = _denoiser(pipe)
-    state = _Guidance(pipe, denoiser, guidance, params, adaptive, interval)  # validates before anything changes
+    state = _Guidance(pipe, denoiser, guidance, params, adaptive, interval, linear_ag)  # validates first
     disable(pipe)
     if guidance == "pag":
         state.processor = apply_pag(denoiser, list(state.params["layers"]), IdentityPAGProcessor(chunks=3))

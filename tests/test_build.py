@@ -119,4 +119,5 @@ def test_e2e_bench_counts_network_evaluations():
     for name, r in by.items():
         assert r["nfe"] + r["nfe_skipped"] == 20 and r["wall_s"] > 0, name
     assert by["interval(middle)"]["nfe_skipped"] == 3  # sigmas of steps 2..8 lie inside: steps 0, 1, 9 skip
+    assert by["linear_ag"]["nfe_skipped"] == 2  # steps 1 and 3 of the first half
     assert "PSNR" in bench.format_e2e_table(rows)

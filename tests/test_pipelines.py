@@ -287,3 +287,58 @@ def test_policy_bad_input():
     with pytest.raises(TypeError, match="must be a fastguide.AG"):
         fastguide.enable(pipe, guidance="cfg", adaptive=0.9)
     assert not fastguide.pipelines.is_enabled(pipe)
+
+
+# --- LinearAG ----------------------------------------------------------------------------------------
+def test_fit_linear_ag_recovers_known_coefficients():
+    g = torch.Generator().manual_seed(0)
+    history = []
+    for _ in range(3):
+        run_, u_prev, c_prev = [], None, None
+        for i in range(4):
+            c = torch.randn(2, 4, 6, 6, generator=g)
+            u = torch.randn(2, 4, 6, 6, generator=g) if i == 0 else 0.3 * c - 0.2 * c_prev + 0.5 * u_prev
+            run_.append((c, u))
+            c_prev, u_prev = c, u
+        history.append(run_)
+    coef = fastguide.pipelines.fit_linear_ag(history, [1, 3])
+    for step in (1, 3):
+        torch.testing.assert_close(torch.tensor(coef[step]), torch.tensor([0.3, -0.2, 0.5]), rtol=0, atol=1e-9)
+
+
+def test_linear_ag_predicts_uncond_and_skips_its_pass():
+    """Coefficients (0, 0, 1): the unconditional prediction of steps 1 and 2 is the previous step's."""
+    pipe = make_sd()
+    fastguide.enable(pipe, guidance="cfg", linear_ag=fastguide.LinearAG({1: (0.0, 0.0, 1.0), 2: (0.0, 0.0, 1.0)}, STEPS))
+    ours = run(pipe, "sd")
+    r = pipe.fastguide_report
+    assert (r.nfe, r.nfe_skipped) == (2 * STEPS - 2, 2)
+    fastguide.disable(pipe)
+    last = {}
+
+    def combine(c, u, p, i, t):
+        if i in (1, 2):
+            u = last["u"]
+        last["u"] = u
+        return cfg_step(c, u)
+    assert_close(ours, hand_loop(pipe, "sd", combine))
+
+
+def test_calibrate_linear_ag_on_tiny_pipeline():
+    pipe = make_sd()
+    g = torch.Generator().manual_seed(11)
+    pos = [torch.randn(1, 5, 16, generator=g) for _ in range(2)]
+    neg = [torch.randn(1, 5, 16, generator=g) for _ in range(2)]
+    lag = fastguide.calibrate_linear_ag(pipe, pos, neg, num_inference_steps=8, guidance_scale=5.0, height=16, width=16)
+    assert sorted(lag.coefficients) == [1, 3] and lag.num_inference_steps == 8
+    assert not fastguide.pipelines.is_enabled(pipe)  # calibration leaves the pipeline as it found it
+    fastguide.enable(pipe, guidance="cfg", linear_ag=lag)
+    with torch.no_grad():
+        out = pipe(**inputs("sd"), num_inference_steps=8, guidance_scale=5.0, output_type="latent", height=16,
+                   width=16).images
+    assert torch.isfinite(out).all()
+    assert (pipe.fastguide_report.nfe, pipe.fastguide_report.nfe_skipped) == (14, 2)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        fastguide.enable(pipe, guidance="cfg", linear_ag=lag, adaptive=fastguide.AG())
+    with pytest.raises(ValueError, match="steps must lie in"):
+        fastguide.calibrate_linear_ag(pipe, pos, neg, num_inference_steps=8, steps=[0])
