@@ -154,8 +154,12 @@ class _Guidance:
         self.processor = None
 
     def _scale(self, name="scale"):
+        """A scale setting: None follows the pipeline call's guidance_scale; a callable is a per-step schedule
+        `f(step, timestep) -> float or tensor` (a tensor scale changes per step without recompiling)."""
         value = self.params[name]
-        return float(self.pipe.guidance_scale) if value is None else value
+        if value is None:
+            return float(self.pipe.guidance_scale)
+        return value(self.step, self.last_t) if callable(value) else value
 
     def _new_step(self, timestep):
         t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
@@ -326,7 +330,7 @@ def enable(pipe, guidance="cfg", *, adaptive=None, interval=None, linear_ag=None
     rescale, original), "pag" (scale, pag_scale, layers, rescale, original), "cfg_zero_star" (scale,
     zero_init_steps, rescale, original), "frequency" (scale_low, scale_high, method, cutoff, size, rescale,
     original), "fdg" (scales, parallel_weights, rescale, original). A scale left as None follows the
-    pipeline call's guidance_scale.
+    pipeline call's guidance_scale; a callable `f(step, timestep)` is a per-step schedule.
     adaptive=fastguide.AG(threshold): Adaptive Guidance, per sample. interval=(sigma_lo, sigma_hi):
     limited-interval guidance (Kynkaeaenniemi et al. 2024), no unconditional pass outside it. With either,
     the denoiser runs only the rows that are needed; `pipe.fastguide_report` counts the evaluations.

@@ -342,3 +342,12 @@ def test_calibrate_linear_ag_on_tiny_pipeline():
         fastguide.enable(pipe, guidance="cfg", linear_ag=lag, adaptive=fastguide.AG())
     with pytest.raises(ValueError, match="steps must lie in"):
         fastguide.calibrate_linear_ag(pipe, pos, neg, num_inference_steps=8, steps=[0])
+
+
+def test_scale_schedule_per_step():
+    pipe = make_sd()
+    schedule = lambda step, t: 2.0 + step  # noqa: E731
+    fastguide.enable(pipe, guidance="cfg", scale=schedule)
+    ours = run(pipe, "sd")
+    fastguide.disable(pipe)
+    assert_close(ours, hand_loop(pipe, "sd", lambda c, u, p, i, t: cfg_step(c, u, 2.0 + i)))
