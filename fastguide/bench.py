@@ -312,6 +312,23 @@ def run_bench(case_names, shape_names, dtype_names, device, impls=IMPLS, min_run
     return rows
 
 
+def _render(head, lines):
+    """Right-aligned text table."""
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
+    fmt = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(c) for c in lines])
+
+
+def _write_csv(path, env, rows):
+    fields = list(env) + list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in rows:
+            w.writerow({**env, **r})
+    print(f"wrote {path}")
+
+
 def format_table(rows, impls):
     head = ["op", "shape", "dtype"] + [f"{i} us" for i in impls] + ["GB/s", "%floor", "xdiff", "xeager", "xcompile",
                                                                     "launches fg/diff/eager"]
@@ -324,9 +341,7 @@ def format_table(rows, impls):
         cells += [f"{r[k]:.1f}x" if k in r else "-" for k in ("x_diffusers", "x_eager", "x_compile")]
         cells += ["/".join(str(r.get(f"{i}_launches", "")) or "-" for i in ("fastguide", "diffusers", "eager"))]
         lines.append(cells)
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
-    fmt = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(c) for c in lines])
+    return _render(head, lines)
 
 
 def write_plot(rows, path, impls, device_name):
@@ -425,9 +440,7 @@ def format_step_table(rows):
     lines = [[r["unet"], r["guidance"], r["latent"], f"{r['denoiser_ms']:.2f}", f"{r['diffusers_guidance_ms']:.3f}",
               f"{r['fastguide_guidance_ms']:.3f}", f"{100 * r['diffusers_share']:.1f}%",
               f"{100 * r['fastguide_share']:.1f}%", f"{r['step_speedup']:.3f}x"] for r in rows]
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
-    fmt = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(c) for c in lines])
+    return _render(head, lines)
 
 
 # --- end to end: network evaluations saved -------------------------------------------------------
@@ -498,9 +511,7 @@ def format_e2e_table(rows):
     head = ["steps", "policy", "NFE", "skipped", "wall s", "rel L2 vs CFG", "PSNR dB vs CFG"]
     lines = [[r["steps"], r["policy"], r["nfe"], r["nfe_skipped"], f"{r['wall_s']:.3f}", f"{r['rel_l2_latents']:.2e}",
               f"{r['psnr_db']:.1f}"] for r in rows]
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
-    fmt = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(c) for c in lines])
+    return _render(head, lines)
 
 
 def _progress(total):
@@ -571,30 +582,10 @@ def main(argv=None):
         print("\nend to end (tiny StableDiffusionPipeline, Euler, guidance 7.5; differences against full CFG):")
         print(format_e2e_table(e2e_rows))
     if a.csv:
-        fields = list(env) + sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k)
-                                    if k in rows[0] else 1000)
-        with open(a.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields)
-            w.writeheader()
-            for r in rows:
-                w.writerow({**env, **r})
-        print(f"wrote {a.csv}")
-        if e2e_rows:
-            e2e_csv = os.path.splitext(a.csv)[0] + "_e2e.csv"
-            with open(e2e_csv, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=list(env) + list(e2e_rows[0]))
-                w.writeheader()
-                for r in e2e_rows:
-                    w.writerow({**env, **r})
-            print(f"wrote {e2e_csv}")
-        if step_rows:
-            step_csv = os.path.splitext(a.csv)[0] + "_step.csv"
-            with open(step_csv, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=list(env) + list(step_rows[0]))
-                w.writeheader()
-                for r in step_rows:
-                    w.writerow({**env, **r})
-            print(f"wrote {step_csv}")
+        _write_csv(a.csv, env, rows)
+        for suffix, extra in (("_e2e", e2e_rows), ("_step", step_rows)):
+            if extra:
+                _write_csv(os.path.splitext(a.csv)[0] + suffix + ".csv", env, extra)
     if a.plot:
         write_plot(rows, a.plot, impls, env["device"])
         print(f"wrote {a.plot}")
