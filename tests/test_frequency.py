@@ -208,3 +208,30 @@ def test_operator_cache_is_bounded():
 def test_bad_input(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call(torch.randn(2, 3, 8, 8))
+
+
+@pytest.mark.parametrize("method", ["fft_box", "bilinear"])
+def test_large_planes_take_the_direct_route(method):
+    """H + W > MATRIX_MAX_SIDE_SUM (e.g. Flux's packed [1, 4096, 64] tokens): torch.fft / interpolate."""
+    shape = (2, 300, 260)
+    assert sum(shape[-2:]) > frequency.MATRIX_MAX_SIDE_SUM
+    c, u = pair(shape)
+    frequency._cache.clear()
+    if method == "fft_box":
+        out = fastguide.frequency_cfg(c, u, 2.0, 6.0, cutoff=20)
+        d = (c - u).double()
+        low = fresca_fourier_filter(d, 1.0, 0.0, 20)
+    else:
+        out = fastguide.frequency_cfg(c, u, 2.0, 6.0, method="bilinear", size=(150, 130))
+        d = (c - u).double()
+        planes = d.reshape(-1, 1, 300, 260)
+        low = F.interpolate(F.interpolate(planes, size=(150, 130), mode="bilinear"), size=(300, 260),
+                            mode="bilinear").view(shape)
+    ref = u.double() + 2.0 * low + 6.0 * (d - low)
+    assert rel_err(out, ref) <= 1e-6
+    assert not any(k[0] in METHODS_WITH_MATRICES for k in frequency._cache)  # no 300x300 operator was built
+    low_split, high_split = fastguide.frequency_split(c, method=method, cutoff=20, size=(150, 130))
+    torch.testing.assert_close(low_split + high_split, c)
+
+
+METHODS_WITH_MATRICES = ("fft_box", "bilinear", "laplacian")
