@@ -42,13 +42,9 @@ at::Tensor cfgpp_step_cpu(const at::Tensor& x_in, const at::Tensor& cond_in, con
     const scalar_t* cp = cd.const_data_ptr<scalar_t>();
     const scalar_t* up = u.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, B * per_sample, 32768, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end;) {
-        const int64_t s = i / per_sample, stop = std::min(end, (s + 1) * per_sample);
-        cfgpp_range<scalar_t, acc_t>(xp + i, cp + i, up + i, op + i, stop - i, acc_t(a), acc_t(b), acc_t(c),
-                                     acc_t(lam[s]));
-        i = stop;
-      }
+    for_each_sample_run(B, per_sample, [&](int64_t s, int64_t lo, int64_t hi) {
+      cfgpp_range<scalar_t, acc_t>(xp + lo, cp + lo, up + lo, op + lo, hi - lo, acc_t(a), acc_t(b), acc_t(c),
+                                   acc_t(lam[s]));
     });
   });
   return out;

@@ -1,6 +1,9 @@
 #pragma once
 // Shared by every CPU kernel file: the op schemas, argument checks and the test-suite poison switch.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
 
 #include <cstdlib>
 #include <cstring>
@@ -67,6 +70,20 @@ inline void check_scale(const char* op, const c10::optional<at::Tensor>& t, cons
               " must be 0-d or of shape [", cond.size(0), "], got ", t->sizes());
   TORCH_CHECK(t->device() == cond.device(), "fastguide.", op, ": ", name, " must be on cond's device ",
               cond.device(), ", got ", t->device());
+}
+
+// One flat parallel loop over B samples of `per_sample` contiguous elements: fn(b, lo, hi) gets maximal
+// runs [lo, hi) inside sample b (a thread's range may straddle samples), so the per-sample constants
+// (scales, coefficients) are hoisted out of the element loop.
+template <typename F>
+void for_each_sample_run(int64_t B, int64_t per_sample, F&& fn) {
+  at::parallel_for(0, B * per_sample, 32768, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end;) {
+      const int64_t b = i / per_sample, stop = std::min(end, (b + 1) * per_sample);
+      fn(b, i, stop);
+      i = stop;
+    }
+  });
 }
 
 // Per-sample scale values as fp32 on the host (CPU kernels only): B entries.

@@ -65,12 +65,8 @@ at::Tensor frequency_cfg_cpu(const at::Tensor& cond_in, const at::Tensor& uncond
     const scalar_t* up = u.const_data_ptr<scalar_t>();
     const acc_t* lp = lo.const_data_ptr<acc_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, B * per_sample, 32768, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end;) {
-        const int64_t b = i / per_sample, stop = std::min(end, (b + 1) * per_sample);
-        combine<scalar_t, acc_t>(cp + i, up + i, lp + i, op + i, stop - i, sl[b], sh[b], original);
-        i = stop;
-      }
+    for_each_sample_run(B, per_sample, [&](int64_t b, int64_t lo, int64_t hi) {
+      combine<scalar_t, acc_t>(cp + lo, up + lo, lp + lo, op + lo, hi - lo, sl[b], sh[b], original);
     });
   });
   return out;

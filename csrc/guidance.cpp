@@ -172,13 +172,8 @@ void guide_kernel(const at::Tensor& cond, const at::Tensor& uncond, const at::Te
       finalize<acc_t>(part.data() + b * nchunks * kStats, nchunks, zero_star, original, rescale, coef[b]);
   }
 
-  // One flat parallel loop over all elements; a range may straddle samples.
-  at::parallel_for(0, B * N, 32768, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end;) {
-      const int64_t b = i / N, stop = std::min(end, (b + 1) * N);
-      combine_range<T, acc_t, HAS_P>(c, u, p, o, i, stop, coef[b], original);
-      i = stop;
-    }
+  for_each_sample_run(B, N, [&](int64_t b, int64_t lo, int64_t hi) {
+    combine_range<T, acc_t, HAS_P>(c, u, p, o, lo, hi, coef[b], original);
   });
 }
 
