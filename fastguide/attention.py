@@ -53,6 +53,15 @@ class IdentityPAGProcessor:
     def _heads(x, rows, attn):
         return x.view(rows, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
 
+    def _query_key(self, attn, x, n):
+        """Q and K of the n unperturbed rows, per head, with the layer's q/k norms when it has them."""
+        query, key = self._heads(attn.to_q(x), n, attn), self._heads(attn.to_k(x), n, attn)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        return query, key
+
     def _self(self, attn, hidden_states, attention_mask, temb):
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -67,12 +76,7 @@ class IdentityPAGProcessor:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         value = attn.to_v(hidden_states)  # every row: the perturbed rows' attention output is V
         if n:
-            x = hidden_states[:n]  # a view: no copy of the batch
-            query, key = self._heads(attn.to_q(x), n, attn), self._heads(attn.to_k(x), n, attn)
-            if attn.norm_q is not None:
-                query = attn.norm_q(query)
-            if attn.norm_k is not None:
-                key = attn.norm_k(key)
+            query, key = self._query_key(attn, hidden_states[:n], n)  # a view: no copy of the batch
             mask = None
             if attention_mask is not None:
                 mask = attn.prepare_attention_mask(attention_mask, seq, batch)
@@ -93,12 +97,7 @@ class IdentityPAGProcessor:
         value = attn.to_v(hidden_states)
         ctx_value = attn.add_v_proj(encoder_hidden_states) if encoder_hidden_states is not None else None
         if n:
-            x = hidden_states[:n]
-            query, key = self._heads(attn.to_q(x), n, attn), self._heads(attn.to_k(x), n, attn)
-            if attn.norm_q is not None:
-                query = attn.norm_q(query)
-            if attn.norm_k is not None:
-                key = attn.norm_k(key)
+            query, key = self._query_key(attn, hidden_states[:n], n)
             v = self._heads(value[:n], n, attn)
             if ctx_value is not None:
                 e = encoder_hidden_states[:n]
