@@ -12,6 +12,12 @@ def _acc(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _out(x, like):
+    """x in like's dtype, contiguous: the layout the fake implementations promise (inputs may be
+    channels-last or transposed, and elementwise math keeps their strides)."""
+    return x.to(like.dtype).contiguous()
+
+
 def _per_sample(t, value, like):
     """A scale as something that broadcasts over a [B, ...] tensor: float, 0-d or [B, 1, ...]."""
     if t is None:
@@ -21,10 +27,12 @@ def _per_sample(t, value, like):
 
 
 def _rescale(g, c, rescale):
-    """diffusers' rescale_noise_cfg, except that a zero std(g) leaves g unchanged instead of NaN."""
+    """diffusers' rescale_noise_cfg, except that a zero std(g) leaves g unchanged instead of NaN.
+    A non-finite std (a NaN/inf in the sample) propagates to the whole sample, as in diffusers:
+    guarding it too would silently skip the rescale and hide the bad value."""
     std_c = c.flatten(1).std(1)
     std_g = g.flatten(1).std(1)
-    ok = std_g > 0  # also False for NaN std (one element per sample)
+    ok = std_g != 0  # True for NaN
     f = torch.where(ok, rescale * std_c / torch.where(ok, std_g, 1.0) + (1.0 - rescale), 1.0)
     return g * f.view((-1,) + (1,) * (g.dim() - 1))
 
@@ -40,7 +48,7 @@ def guide(cond, uncond, perturbed, s1_t, s1, s2_t, s2, rescale, original, zero_s
         g = g + _per_sample(s2_t, s2, c) * (c - perturbed.to(acc))
     if rescale > 0:
         g = _rescale(g, c, rescale)
-    return g.to(cond.dtype)
+    return _out(g, cond)
 
 
 def cfg(cond, uncond, scale_t, scale, rescale, original):
@@ -77,11 +85,13 @@ def apg(cond, uncond, scale_t, scale, eta, norm_threshold, momentum, momentum_bu
         if s.dim() == 1:  # one scale per sample; groups never straddle samples here
             s = s.repeat_interleave(m.shape[0] // s.shape[0]).view(-1, 1)
     out = (c if original else u) + s * (k * m + (eta - 1.0) * beta * c)
-    return out.view(cond.shape).to(cond.dtype)
+    return _out(out.view(cond.shape), cond)
 
 
 def guidance_stats(cond, uncond, guided, group_size):
     acc = _acc(cond)
+    if group_size == 0:  # empty groups (the public wrapper answers those itself): as the fake, no rows
+        return torch.zeros((0, 7), dtype=torch.float32, device=cond.device)
     c = cond.to(acc).reshape(-1, group_size)
     u = uncond.to(acc).reshape(-1, group_size)
     cols = [(c * u).sum(1), (c * c).sum(1), (u * u).sum(1)]
@@ -105,7 +115,7 @@ def _lowpass(x, ah, aw):
 
 
 def frequency_split(x, ah, aw):
-    return _lowpass(x.to(ah.dtype), ah, aw).to(x.dtype)
+    return _out(_lowpass(x.to(ah.dtype), ah, aw), x)
 
 
 def frequency_cfg(cond, uncond, ah, aw, low_t, low, high_t, high, original):
@@ -114,11 +124,11 @@ def frequency_cfg(cond, uncond, ah, aw, low_t, low, high_t, high, original):
     d = c - u
     lo = _lowpass(d, ah, aw)
     out = (c if original else u) + _per_sample(low_t, low, c) * lo + _per_sample(high_t, high, c) * (d - lo)
-    return out.to(cond.dtype)
+    return _out(out, cond)
 
 
 def cfgpp_step(x, cond, uncond, a, b, c, scale_t, scale):
     acc = _acc(cond)
     u = uncond.to(acc)
     g = u + _per_sample(scale_t, scale, u) * (cond.to(acc) - u)
-    return (a * x.to(acc) + b * g + c * u).to(cond.dtype)
+    return _out(a * x.to(acc) + b * g + c * u, cond)

@@ -84,12 +84,12 @@ class AdaptiveProjectedGuidance(_dg.AdaptiveProjectedGuidance):
     def forward(self, pred_cond, pred_uncond=None):
         if not self._is_apg_enabled():
             return GuiderOutput(pred=pred_cond, pred_cond=pred_cond, pred_uncond=pred_uncond)
-        buf = None
-        if self.momentum_buffer is not None:
+        theirs, buf = self.momentum_buffer, None
+        if theirs is not None:
             # diffusers makes a new MomentumBuffer at step 0 (prepare_inputs); follow it with ours, zeroed
-            # in place when the shape allows (CUDA-graph friendly), new otherwise.
-            if getattr(self, "_fastguide_owner", None) is not self.momentum_buffer:
-                self._fastguide_owner = self.momentum_buffer
+            # in place when the shape allows (CUDA-graph friendly), new otherwise. Theirs may already hold
+            # a running average (a guider converted mid-trajectory by guider_from): ours starts from it.
+            if getattr(self, "_fastguide_owner", None) is not theirs:
                 old = getattr(self, "_fastguide_buffer", None)
                 ra = old.running_average if old is not None else None
                 if (ra is not None and old.momentum == float(self.adaptive_projected_guidance_momentum)
@@ -97,12 +97,27 @@ class AdaptiveProjectedGuidance(_dg.AdaptiveProjectedGuidance):
                         and ra.device == pred_cond.device):
                     old.reset()
                 else:
-                    self._fastguide_buffer = ops.MomentumBuffer(float(self.adaptive_projected_guidance_momentum))
+                    old = ops.MomentumBuffer(float(self.adaptive_projected_guidance_momentum))
+                prior = getattr(theirs, "running_average", 0)
+                if isinstance(prior, torch.Tensor):
+                    if prior.shape != pred_cond.shape:
+                        raise ValueError(f"fastguide AdaptiveProjectedGuidance: the momentum buffer's running "
+                                         f"average has shape {tuple(prior.shape)}, the predictions "
+                                         f"{tuple(pred_cond.shape)}; reset the guider (set_state at step 0)")
+                    if old.running_average is None:
+                        old.running_average = torch.zeros_like(pred_cond)
+                    old.running_average.copy_(prior)
+                self._fastguide_buffer, self._fastguide_owner = old, theirs
             buf = self._fastguide_buffer
+        # diffusers clamps the norm only when the threshold is > 0: a negative one means "no clamp" there too.
         pred = ops.apg(pred_cond, pred_uncond, float(self.guidance_scale), eta=float(self.eta),
-                       norm_threshold=float(self.adaptive_projected_guidance_rescale), momentum_buffer=buf,
+                       norm_threshold=max(float(self.adaptive_projected_guidance_rescale), 0.0), momentum_buffer=buf,
                        norm_dim=self.adaptive_projected_guidance_norm_dim, rescale=float(self.guidance_rescale),
                        original=self.use_original_formulation)
+        if buf is not None:
+            # Theirs shares our tensor (updated in place): the state stays readable (and convertible back)
+            # through diffusers' own attribute.
+            theirs.running_average = buf.running_average
         return GuiderOutput(pred=pred, pred_cond=pred_cond, pred_uncond=pred_uncond)
 
 

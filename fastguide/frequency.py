@@ -17,6 +17,7 @@ block of a plane doing both matmuls in IEEE fp32 — no TF32 — and the combine
 """
 import math
 import numbers
+import threading
 from collections import OrderedDict
 
 import torch
@@ -32,6 +33,24 @@ METHODS = ("fft_box", "bilinear", "laplacian")
 MATRIX_MAX_SIDE_SUM = 512
 _CACHE_SIZE = 64
 _cache = OrderedDict()  # (method, n, param, device, dtype) -> [T, n, n] tensor
+# Samplers run in threads (servers, one pipeline per request): get + move_to_end + evict must be atomic.
+# Building a missing entry happens outside the lock (two threads may build the same one; both are equal).
+_cache_lock = threading.Lock()
+
+
+def _cached(key, build):
+    with _cache_lock:
+        hit = _cache.get(key)
+        if hit is not None:
+            _cache.move_to_end(key)
+            return hit
+    value = build()
+    with _cache_lock:
+        _cache[key] = value
+        _cache.move_to_end(key)
+        while len(_cache) > _CACHE_SIZE:
+            _cache.popitem(last=False)
+    return value
 
 
 def _axis_operators(method, n, param):
@@ -84,37 +103,26 @@ def operators(method, H, W, param_h, param_w, device, dtype):
     torch.compile runs it at trace time and keeps the result as a constant of the graph: no cache
     guards, so no recompile when the cache fills on the first call.
     """
-    key = (method, H, W, param_h, param_w, str(device), dtype)
-    hit = _cache.get(key)
-    if hit is not None:
-        _cache.move_to_end(key)
-        return hit
-    ah = _axis_operators(method, H, param_h)
-    aw = _axis_operators(method, W, param_w)
-    if method == "fft_box":
-        aw = (aw[0], -aw[1])
-    mats = (torch.stack(ah).to(device=device, dtype=dtype), torch.stack(aw).to(device=device, dtype=dtype))
-    _cache[key] = mats
-    if len(_cache) > _CACHE_SIZE:
-        _cache.popitem(last=False)
-    return mats
+    def build():
+        ah = _axis_operators(method, H, param_h)
+        aw = _axis_operators(method, W, param_w)
+        if method == "fft_box":
+            aw = (aw[0], -aw[1])
+        return torch.stack(ah).to(device=device, dtype=dtype), torch.stack(aw).to(device=device, dtype=dtype)
+
+    return _cached((method, H, W, param_h, param_w, str(device), dtype), build)
 
 
 @torch._dynamo.assume_constant_result
 def _fft_mask(H, W, ch, cw, device, dtype):
     """FreSca's box (clamped) on the unshifted spectrum: the outer product of two ifftshifted 1-D boxes."""
-    key = ("fft_mask", H, W, ch, cw, str(device), dtype)
-    hit = _cache.get(key)
-    if hit is None:
-        def box(n, c):
-            m = torch.zeros(n, dtype=torch.float64)
-            m[max(n // 2 - c, 0):min(n // 2 + c, n)] = 1.0
-            return torch.fft.ifftshift(m)
-        hit = (box(H, ch)[:, None] * box(W, cw)[None, :]).to(device=device, dtype=dtype)
-        _cache[key] = hit
-        if len(_cache) > _CACHE_SIZE:
-            _cache.popitem(last=False)
-    return hit
+    def box(n, c):
+        m = torch.zeros(n, dtype=torch.float64)
+        m[max(n // 2 - c, 0):min(n // 2 + c, n)] = 1.0
+        return torch.fft.ifftshift(m)
+
+    return _cached(("fft_mask", H, W, ch, cw, str(device), dtype),
+                   lambda: (box(H, ch)[:, None] * box(W, cw)[None, :]).to(device=device, dtype=dtype))
 
 
 def _direct(method, H, W):
@@ -181,6 +189,10 @@ def frequency_cfg(cond, uncond, scale_low, scale_high, *, method="fft_box", cuto
     size=) in one fused op. Scales: float, 0-d tensor or [B] tensor. Inputs [B, ..., H, W].
     """
     ops._check_pair("frequency_cfg", cond, uncond, "uncond")
+    if cond.dim() < 3:
+        # [B, N] would be one H=B x W=N plane: the low-pass would mix samples. Not a guidance input.
+        raise ValueError(f"fastguide.frequency_cfg: inputs must be [B, ..., H, W] (>= 3 dims, batch first), got shape "
+                         f"{tuple(cond.shape)}; for one plane per sample use cond[:, None]")
     ph, pw = _params("frequency_cfg", cond, method, cutoff, size)
     return _guided(cond, uncond, scale_low, scale_high, method, ph, pw, rescale, original)
 
@@ -217,7 +229,14 @@ def fdg(cond, uncond, scales, *, levels=None, parallel_weights=None, rescale=0.0
     (or not divisible by 2^(levels-1)) and returns a larger tensor; fdg raises for those shapes instead.
     """
     ops._check_pair("fdg", cond, uncond, "uncond")
-    scales = [float(s) for s in scales]
+    if isinstance(scales, (torch.Tensor, numbers.Real)) or not hasattr(scales, "__len__"):
+        raise TypeError(f"fastguide.fdg: scales must be a list with one scale per level (high to low), got "
+                        f"{type(scales).__name__}")
+    # Each level's scale as given (float, 0-d or [B] tensor: a tensor is never read on the host), checked
+    # like every op's scale; weights and rescales are plain finite floats.
+    scales = list(scales)
+    for i, v in enumerate(scales):
+        ops._scale("fdg", f"scales[{i}]", v, cond)
     L = len(scales) if levels is None else int(levels)
     if L < 1 or L != len(scales):
         raise ValueError(f"fastguide.fdg: need one scale per level (levels={levels!r}, {len(scales)} scales)")
@@ -229,17 +248,23 @@ def fdg(cond, uncond, scales, *, levels=None, parallel_weights=None, rescale=0.0
     if (not (pow2(H) or pow2(W))) or (L > 1 and (H % stride or W % stride)):
         raise ValueError(f"fastguide.fdg: {H}x{W} would be reflect-padded by kornia (sides must include a power of "
                          f"two and be divisible by 2^(levels-1) = {stride}); diffusers then returns a larger tensor")
-    pw = [1.0] * L if parallel_weights is None else (
-        [float(parallel_weights)] * L if isinstance(parallel_weights, numbers.Real) else [float(p) for p in parallel_weights])
-    rs = [float(rescale)] * L if isinstance(rescale, numbers.Real) else [float(r) for r in rescale]
-    if len(pw) != L or len(rs) != L:
-        raise ValueError("fastguide.fdg: parallel_weights and rescale need one value per level")
+    pw = [1.0] * L if parallel_weights is None else _per_level("parallel_weights", parallel_weights, L)
+    rs = _per_level("rescale", rescale, L)
     if rescale_space not in ("data", "freq"):
         raise ValueError(f"fastguide.fdg: rescale_space must be 'data' or 'freq', got {rescale_space!r}")
     if L == 2 and all(math.isclose(p, 1.0) for p in pw) and (rescale_space == "data" or not any(rs)):
         return _guided(cond, uncond, scales[1], scales[0], "laplacian", 1, 1, rs[0] if rescale_space == "data"
                        else 0.0, original, op="fdg")
     return _fdg_explicit(cond, uncond, scales, pw, rs, rescale_space, original)
+
+
+def _per_level(name, value, L):
+    """A float or one float per level, each finite, as a list of L floats."""
+    values = [value] * L if isinstance(value, numbers.Real) else list(value)
+    if len(values) != L:
+        raise ValueError(f"fastguide.fdg: {name} needs one value per level ({L}), got {len(values)}")
+    ops._finite("fdg", **{f"{name}[{i}]": v for i, v in enumerate(values)})
+    return [float(v) for v in values]
 
 
 def _fdg_explicit(cond, uncond, scales, pw, rs, rescale_space, original):
@@ -267,7 +292,8 @@ def _fdg_explicit(cond, uncond, scales, pw, rs, rescale_space, original):
             v1 = F.normalize(cb[i], dim=dims)
             par = (shift * v1).sum(dims, keepdim=True) * v1
             shift = pw[i] * par + (shift - par)
-        g = (cb[i] if original else ub[i]) + scales[i] * shift
+        st, sv = ops._scale("fdg", f"scales[{i}]", scales[i], cond)
+        g = (cb[i] if original else ub[i]) + _eager._per_sample(st, sv, shift) * shift
         if rescale_space == "freq" and rs[i] > 0:
             g = ops.rescale(g, cb[i], rs[i])
         guided.append(g)

@@ -92,7 +92,7 @@ def _fake(cond, *args):
 
 
 def _fake_stats(cond, uncond, guided, group_size):
-    return cond.new_empty((cond.numel() // group_size, 7), dtype=torch.float32)
+    return cond.new_empty((cond.numel() // group_size if group_size else 0, 7), dtype=torch.float32)
 
 
 for _name in OPS:
@@ -100,11 +100,24 @@ for _name in OPS:
 
 
 # --- argument checks ---------------------------------------------------------------------------
+# The dtypes every backend implements (float8 and complex pass `is_floating_point`/fail in the kernels).
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _finite(op, **values):
+    """Each value a finite real number. Under torch.compile a Python float may be symbolic, and
+    `math.isfinite` on it would break the graph: it is not checked there (like a tensor scale)."""
+    if torch.compiler.is_compiling():
+        return
+    for name, v in values.items():
+        if not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
+            raise ValueError(f"fastguide.{op}: {name} must be a finite float, got {v!r}")
+
 def _check_pair(op, cond, other, name):
     # One boolean chain on the hot path (these wrappers run every sampler step); the detailed
     # diagnosis only when it fails.
     try:
-        if (cond.is_floating_point() and cond.dim() >= 2 and other.shape == cond.shape
+        if (cond.dtype in DTYPES and cond.dim() >= 2 and other.shape == cond.shape
                 and other.dtype == cond.dtype and other.device == cond.device):
             return
     except AttributeError:
@@ -112,8 +125,10 @@ def _check_pair(op, cond, other, name):
     if not isinstance(cond, torch.Tensor) or not isinstance(other, torch.Tensor):
         raise TypeError(f"fastguide.{op}: cond and {name} must be tensors, "
                         f"got {type(cond).__name__} and {type(other).__name__}")
-    if not cond.is_floating_point():
-        raise TypeError(f"fastguide.{op}: cond must be a floating tensor (fp32, fp16, bf16), got {cond.dtype}")
+    if cond.dtype not in DTYPES:
+        raise TypeError(f"fastguide.{op}: cond must be a floating tensor of dtype float32, float16, bfloat16 or "
+                        f"float64, got {cond.dtype}" + (" (convert float8 inputs with .float() first)"
+                                                        if cond.is_floating_point() else ""))
     if cond.dim() < 2:
         raise ValueError(f"fastguide.{op}: cond must have >= 2 dims with batch first, got shape {tuple(cond.shape)}")
     if other.shape != cond.shape:
@@ -126,6 +141,12 @@ def _check_pair(op, cond, other, name):
 
 def _scale(op, name, value, cond):
     """A scale as the schema's (tensor or None, float) pair."""
+    if torch.compiler.is_compiling() and not isinstance(value, torch.Tensor):
+        # A Python float reaching a custom op's `float` argument is specialised: every new value
+        # would recompile. As a 0-d tensor it is a graph input instead (dynamo makes a changing float
+        # symbolic after its first recompile; the multiply keeps it symbolic). Not checked for
+        # finiteness here, like any tensor scale.
+        return torch.ones((), dtype=_acc_dtype(cond), device=cond.device) * value, 0.0
     if type(value) is float and math.isfinite(value):  # hot path: no ABC isinstance
         return None, value
     if isinstance(value, torch.Tensor):
@@ -145,8 +166,12 @@ def _scale(op, name, value, cond):
     return None, value
 
 
+def _acc_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _rescale(op, rescale):
-    if type(rescale) is float and math.isfinite(rescale):
+    if type(rescale) is float and (torch.compiler.is_compiling() or math.isfinite(rescale)):
         return rescale
     if not isinstance(rescale, numbers.Real) or not math.isfinite(float(rescale)):
         raise ValueError(f"fastguide.{op}: rescale must be a finite float (0 disables it), got {rescale!r}")
@@ -214,8 +239,7 @@ class MomentumBuffer:
     """
 
     def __init__(self, momentum):
-        if not isinstance(momentum, numbers.Real) or not math.isfinite(float(momentum)):
-            raise ValueError(f"fastguide.MomentumBuffer: momentum must be a finite float, got {momentum!r}")
+        _finite("MomentumBuffer", momentum=momentum)
         self.momentum = float(momentum)
         self.running_average = None
 
@@ -224,9 +248,15 @@ class MomentumBuffer:
             self.running_average.zero_()
 
     def _tensor_for(self, cond):
+        """(tensor, fresh): the bound tensor, or a new zero one that `_bind` keeps once the call succeeded
+        (a failed first call must not tie the buffer to that call's shape or dtype)."""
         if self.running_average is None:
-            self.running_average = torch.zeros(cond.shape, dtype=cond.dtype, device=cond.device)
-        return self.running_average
+            return torch.zeros(cond.shape, dtype=cond.dtype, device=cond.device), True
+        return self.running_average, False
+
+    def _bind(self, tensor):
+        if self.running_average is None:  # (a concurrent first call may have bound one already)
+            self.running_average = tensor
 
     def __repr__(self):
         state = "empty" if self.running_average is None else f"{tuple(self.running_average.shape)} " \
@@ -235,17 +265,20 @@ class MomentumBuffer:
 
 
 def _momentum_state(op, momentum, momentum_buffer, cond):
-    """(buffer tensor or None, momentum float), validated before any kernel touches the state."""
+    """(buffer tensor or None, momentum float, MomentumBuffer to bind the tensor to after success or None),
+    validated before any kernel touches the state."""
     if momentum_buffer is None:
         if momentum is not None:
             raise ValueError(f"fastguide.{op}: momentum={momentum!r} needs momentum_buffer= to carry the running "
                              f"average between steps: pass momentum_buffer=fastguide.MomentumBuffer({momentum!r})")
-        return None, 0.0
+        return None, 0.0, None
+    bind = None
     if isinstance(momentum_buffer, MomentumBuffer):
         if momentum is not None and float(momentum) != momentum_buffer.momentum:
             raise ValueError(f"fastguide.{op}: momentum={momentum!r} disagrees with the MomentumBuffer's "
                              f"momentum={momentum_buffer.momentum}; pass one of them")
-        buf, mom = momentum_buffer._tensor_for(cond), momentum_buffer.momentum
+        (buf, fresh), mom = momentum_buffer._tensor_for(cond), momentum_buffer.momentum
+        bind = momentum_buffer if fresh else None
     elif isinstance(momentum_buffer, torch.Tensor):
         if momentum is None:
             raise ValueError(f"fastguide.{op}: a momentum_buffer tensor needs momentum= (a float)")
@@ -253,15 +286,14 @@ def _momentum_state(op, momentum, momentum_buffer, cond):
     else:
         raise TypeError(f"fastguide.{op}: momentum_buffer must be a fastguide.MomentumBuffer or a tensor, "
                         f"got {type(momentum_buffer).__name__}")
-    if not isinstance(mom, numbers.Real) or not math.isfinite(float(mom)):
-        raise ValueError(f"fastguide.{op}: momentum must be a finite float, got {mom!r}")
+    _finite(op, momentum=mom)
     if buf.shape != cond.shape or buf.dtype != cond.dtype or buf.device != cond.device:
         raise ValueError(f"fastguide.{op}: momentum_buffer must match cond (shape {tuple(cond.shape)}, {cond.dtype}, "
                          f"{cond.device}), got shape {tuple(buf.shape)}, {buf.dtype}, {buf.device}; for a new "
                          "trajectory of another shape use a new MomentumBuffer")
     if not buf.is_contiguous():
         raise ValueError(f"fastguide.{op}: momentum_buffer must be contiguous (it is updated in place)")
-    return buf, float(mom)
+    return buf, float(mom), bind
 
 
 def _norm_groups(op, x, norm_dim):
@@ -317,9 +349,7 @@ def apg(cond, uncond, scale, *, eta=1.0, norm_threshold=0.0, momentum=None, mome
     """
     _check_pair("apg", cond, uncond, "uncond")
     st, s = _scale("apg", "scale", scale, cond)
-    for name, value in (("eta", eta), ("norm_threshold", norm_threshold)):
-        if not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
-            raise ValueError(f"fastguide.apg: {name} must be a finite float, got {value!r}")
+    _finite("apg", eta=eta, norm_threshold=norm_threshold)
     if norm_threshold < 0:
         raise ValueError(f"fastguide.apg: norm_threshold must be >= 0 (0 disables the norm clamp), got {norm_threshold}")
     r = _rescale("apg", rescale)
@@ -327,7 +357,13 @@ def apg(cond, uncond, scale, *, eta=1.0, norm_threshold=0.0, momentum=None, mome
     if st is not None and st.dim() == 1 and 0 not in kept:
         raise ValueError("fastguide.apg: a per-sample scale needs groups inside samples; norm_dim "
                          f"{norm_dim!r} reduces over the batch dim")
-    buf, mom = _momentum_state("apg", momentum, momentum_buffer, cond)
+    buf, mom, bind = _momentum_state("apg", momentum, momentum_buffer, cond)
+    if cond.numel() == 0:  # no groups to normalise (an empty feature dim): nothing to compute or carry
+        return torch.empty(cond.shape, dtype=cond.dtype, device=cond.device)
+    if buf is None and torch.compiler.is_compiling():
+        # inductor cannot lower an optional mutable argument given None ("getitem is not an OpOverload"):
+        # under torch.compile a zero scratch buffer with momentum 0 (stored = m) stands in for "no momentum".
+        buf, mom = torch.zeros_like(cond), 0.0
     args = (st, s, float(eta), float(norm_threshold), mom)
     if perm is None:
         out = _op["apg"](cond, uncond, *args, buf, K, bool(original))
@@ -338,6 +374,8 @@ def apg(cond, uncond, scale, *, eta=1.0, norm_threshold=0.0, momentum=None, mome
         out = out.permute(inv).contiguous()
         if buf is not None:
             buf.copy_(bp.permute(inv))
+    if bind is not None:
+        bind._bind(buf)
     if r > 0:
         out = _op["cfg"](cond, out, None, 0.0, r, False)  # = rescale(out, cond, r)
     return out
@@ -383,6 +421,9 @@ def guidance_stats(cond, uncond, guided=None, *, norm_dim=None):
     if guided is not None:
         _check_pair("guidance_stats", cond, guided, "guided")
     perm, K, kept = _norm_groups("guidance_stats", cond, norm_dim)
+    if K == 0:  # empty groups: zero sums and, like F.cosine_similarity of empty vectors, zero cosines
+        return GuidanceStats(torch.zeros([cond.shape[d] for d in kept] + [7], dtype=torch.float32,
+                                         device=cond.device), guided is not None)
     xs = [x if x is None or perm is None else x.permute(perm) for x in (cond, uncond, guided)]
     raw = _op["guidance_stats"](xs[0], xs[1], xs[2], K)
     return GuidanceStats(raw.view([cond.shape[d] for d in kept] + [7]), guided is not None)
@@ -397,12 +438,6 @@ def _cfgpp_args(op, x, cond, uncond, scale, allow_extrapolation):
         raise ValueError(f"fastguide.{op}: CFG++ takes scale (lambda) in [0, 1], got {s}; "
                          "pass allow_extrapolation=True to use it outside")
     return st, s
-
-
-def _finite(op, **values):
-    for name, v in values.items():
-        if not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
-            raise ValueError(f"fastguide.{op}: {name} must be a finite float, got {v!r}")
 
 
 def cfgpp_euler_step(x, cond, uncond, scale, sigma, sigma_next, *, allow_extrapolation=False):

@@ -13,11 +13,12 @@ def per_sample(scale, like):
 
 
 def guidance_rescale(g, c, r):
-    """diffusers' rescale_noise_cfg, with a zero std(g) leaving g unchanged (fastguide's documented choice)."""
+    """diffusers' rescale_noise_cfg, with a zero std(g) leaving g unchanged (fastguide's documented choice);
+    a NaN std (a NaN in the sample) makes the whole sample NaN, as in diffusers."""
     dims = list(range(1, g.dim()))
     std_c, std_g = c.std(dim=dims, keepdim=True), g.std(dim=dims, keepdim=True)
     rescaled = r * (g * (std_c / std_g)) + (1 - r) * g
-    return torch.where(std_g > 0, rescaled, g)
+    return torch.where(std_g == 0, g, rescaled)
 
 
 def guide64(op, inputs, scale, pag_scale=0.0, rescale=0.0, original=False):

@@ -241,3 +241,62 @@ def test_momentum_buffer_object_is_not_silently_reset():
     ptr = buf.running_average.data_ptr()
     buf.reset()
     assert buf.running_average.data_ptr() == ptr and not buf.running_average.any()
+
+
+def test_failed_first_call_leaves_momentum_buffer_unbound(monkeypatch):
+    """The buffer's tensor is bound only after the op succeeded: a first call that fails inside the op
+    must not tie the buffer to that call's shape (the next valid call, of another shape, works)."""
+    buf = fastguide.MomentumBuffer(-0.5)
+
+    def fail(*args):
+        raise RuntimeError("kernel failed")
+
+    with monkeypatch.context() as m:
+        m.setitem(fastguide.ops._op, "apg", fail)
+        with pytest.raises(RuntimeError, match="kernel failed"):
+            fastguide.apg(*step_inputs((2, 3, 4, 4)), 2.0, momentum_buffer=buf)
+    assert buf.running_average is None
+    c, u = step_inputs((1, 5, 6))
+    out = fastguide.apg(c, u, 2.0, momentum_buffer=buf)
+    assert buf.running_average.shape == (1, 5, 6)
+    theirs = DiffusersMomentum(-0.5)
+    assert rel_err(out, normalized_guidance(c, u, 2.0, theirs).double()) <= 1e-6
+
+
+@pytest.mark.parametrize("norm_dim", [None, -1, 1])
+def test_empty_feature_dim(norm_dim):
+    """[2, 0, 5]: no elements. apg returns an empty prediction and leaves the buffer unbound; the
+    statistics are zeros (cosines 0, as F.cosine_similarity gives for empty vectors)."""
+    c, u = torch.randn(2, 0, 5), torch.randn(2, 0, 5)
+    buf = fastguide.MomentumBuffer(0.5)
+    out = fastguide.apg(c, u, 3.0, momentum_buffer=buf, norm_threshold=1.0, norm_dim=norm_dim)
+    assert out.shape == c.shape and buf.running_average is None
+    stats = fastguide.guidance_stats(c, u, c, norm_dim=norm_dim)
+    kept = {None: (2,), -1: (2, 0), 1: (2, 5)}[norm_dim]
+    assert stats.raw.shape == kept + (7,) and not stats.raw.any()
+    if norm_dim is None:
+        assert torch.equal(stats.cos_cond_uncond, torch.nn.functional.cosine_similarity(c.flatten(1), u.flatten(1)))
+
+
+def test_inductor_fullgraph_with_and_without_momentum():
+    """Without a buffer the op's optional mutable argument is None, which inductor cannot lower; the
+    wrapper gives it a scratch buffer under compile. Real inductor compiles (slow; once)."""
+    torch._dynamo.reset()
+    c, u = step_inputs((2, 4, 8, 8))
+
+    @torch.compile(fullgraph=True)
+    def plain(c, u):
+        return fastguide.apg(c, u, 5.0, norm_threshold=2.0, eta=0.5)
+
+    ref = normalized_guidance(c, u, 5.0, None, eta=0.5, norm_threshold=2.0)
+    assert rel_err(plain(c, u), ref.double()) <= 1e-6
+
+    buf, theirs = fastguide.MomentumBuffer(-0.5), DiffusersMomentum(-0.5)
+
+    @torch.compile(fullgraph=True)
+    def with_momentum(c, u):
+        return fastguide.apg(c, u, 5.0, momentum_buffer=buf)
+
+    for _ in range(3):
+        c, u = step_inputs((2, 4, 8, 8))
+        assert rel_err(with_momentum(c, u), normalized_guidance(c, u, 5.0, theirs).double()) <= 1e-6

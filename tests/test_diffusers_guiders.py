@@ -119,3 +119,35 @@ def test_fdg_per_level_window_keeps_the_conditional_band():
     cp, up = build_laplacian_pyramid(c.double(), 2), build_laplacian_pyramid(u.double(), 2)
     expected = pyrup(cp[1]) + up[0] + 9.0 * (cp[0] - up[0])
     torch.testing.assert_close(ours.forward(c, u).pred.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def _apg_steps(guiders, steps, start=0):
+    for step in range(start, start + steps):
+        c = torch.randn(SHAPE)
+        u = c + 0.5 * torch.randn(SHAPE)
+        outs = []
+        for g in guiders:
+            g.set_state(step=step, num_inference_steps=STEPS, timestep=None)
+            g.prepare_inputs({})
+            outs.append(g.forward(c, u).pred)
+        for out in outs[1:]:
+            torch.testing.assert_close(out, outs[0], rtol=1e-5, atol=1e-5 * outs[0].abs().max().item(),
+                                       msg=f"step {step}")
+
+
+def test_apg_negative_norm_threshold_means_no_clamp_like_diffusers():
+    kw = dict(guidance_scale=7.0, adaptive_projected_guidance_momentum=-0.5, adaptive_projected_guidance_rescale=-1.0)
+    _apg_steps([dg.AdaptiveProjectedGuidance(**kw), fd.AdaptiveProjectedGuidance(**kw)], 5)
+
+
+def test_guider_from_mid_trajectory_keeps_the_momentum():
+    """A diffusers APG guider converted after 4 steps continues from its running average (and the
+    diffusers buffer keeps sharing the state, so converting back continues too)."""
+    kw = dict(guidance_scale=7.0, adaptive_projected_guidance_momentum=-0.5, adaptive_projected_guidance_rescale=8.0)
+    reference, converted = dg.AdaptiveProjectedGuidance(**kw), dg.AdaptiveProjectedGuidance(**kw)
+    _apg_steps([reference, converted], 4)
+    ours = fd.guider_from(converted)
+    _apg_steps([reference, ours], 4, start=4)
+    back = dg.AdaptiveProjectedGuidance.__new__(dg.AdaptiveProjectedGuidance)
+    back.__dict__.update(ours.__dict__)
+    _apg_steps([reference, back], 3, start=8)

@@ -203,8 +203,16 @@ def test_operator_cache_is_bounded():
     (lambda x: fastguide.frequency_cfg(x, x, float("nan"), 2.0, cutoff=1), "scale_low must be finite"),
     (lambda x: fastguide.fdg(torch.randn(1, 4, 12, 12), torch.randn(1, 4, 12, 12), [3.0, 2.0]), "reflect-padded"),
     (lambda x: fastguide.fdg(x, x, [3.0, 2.0], levels=3), "one scale per level"),
+    (lambda x: fastguide.frequency_cfg(x[:, 0, 0], x[:, 0, 0], torch.ones(2), 2.0, cutoff=1), ">= 3 dims"),
+    (lambda x: fastguide.fdg(x, x, [float("nan"), 2.0, 1.0]), r"scales\[0\] must be finite"),
+    (lambda x: fastguide.fdg(x, x, [3.0, torch.ones(3), 1.0]), r"scales\[1\] must be a float, a 0-d tensor"),
+    (lambda x: fastguide.fdg(x, x, [3.0, 2.0, 1.0], parallel_weights=[1.0, float("inf"), 1.0]),
+     r"parallel_weights\[1\] must be a finite"),
+    (lambda x: fastguide.fdg(x, x, [3.0, 2.0, 1.0], rescale=[0.0, 0.5]), "rescale needs one value per level"),
+    (lambda x: fastguide.fdg(x, x, 3.0), "scales must be a list"),
 ], ids=["cutoff<0", "no cutoff", "size too big", "size not pair", "W<2", "method", "shape", "nan scale",
-        "fdg padding", "fdg levels"])
+        "fdg padding", "fdg levels", "2-d input", "fdg nan scale 3 levels", "fdg scale shape",
+        "fdg inf weight", "fdg rescale length", "fdg scalar scales"])
 def test_bad_input(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call(torch.randn(2, 3, 8, 8))
@@ -235,3 +243,50 @@ def test_large_planes_take_the_direct_route(method):
 
 
 METHODS_WITH_MATRICES = ("fft_box", "bilinear", "laplacian")
+
+
+@pytest.mark.parametrize("levels", [2, 3])
+def test_fdg_tensor_scales_per_sample_without_host_sync(levels, monkeypatch):
+    """A [B] or 0-d tensor scale per level equals the float-scale result sample by sample, on the fused
+    2-level path and the explicit pyramid alike, and is never read on the host."""
+    c, u = pair((2, 4, 16, 16))
+    floats = [[7.0, 3.0, 2.0][:levels], [4.0, 1.5, 1.0][:levels]]  # per sample
+    scales = [torch.tensor([floats[0][i], floats[1][i]]) for i in range(levels)]
+    scales[-1] = torch.tensor(floats[0][-1])  # the lowest band shared: a 0-d tensor
+    floats[1][-1] = floats[0][-1]
+    expected = [fastguide.fdg(c[b:b + 1], u[b:b + 1], floats[b], parallel_weights=0.7 if levels == 3 else None)
+                for b in range(2)]
+
+    def no_sync(*args):
+        raise AssertionError("a scale tensor was read on the host")
+
+    monkeypatch.setattr(torch.Tensor, "item", no_sync)
+    monkeypatch.setattr(torch.Tensor, "__float__", no_sync)
+    out = fastguide.fdg(c, u, scales, parallel_weights=0.7 if levels == 3 else None)
+    monkeypatch.undo()
+    torch.testing.assert_close(out, torch.cat(expected))
+
+
+def test_operator_cache_is_thread_safe():
+    """Samplers run in threads: concurrent lookups with evictions (more keys than the cache holds)."""
+    import threading
+
+    frequency._cache.clear()
+    errors = []
+
+    def worker(seed):
+        try:
+            for i in range(300):
+                n = 4 + (seed * 7 + i * 13) % (frequency._CACHE_SIZE + 20)
+                ah, aw = frequency.operators("bilinear", n, n, 2, 2, "cpu", torch.float32)
+                assert ah.shape == (1, n, n)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors[:3]
+    assert len(frequency._cache) <= frequency._CACHE_SIZE

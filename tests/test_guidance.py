@@ -114,6 +114,28 @@ def test_rescale_zero_std_stays_finite_where_diffusers_gives_nan(op):
     torch.testing.assert_close(ours, c)
 
 
+@pytest.mark.parametrize("backend", ["dispatcher", "eager", "triton"])
+@pytest.mark.parametrize("op", OPS)
+def test_rescale_non_finite_sample_propagates_like_diffusers(op, backend):
+    """A NaN in one sample makes its std NaN: diffusers' rescale then returns that whole sample NaN, and so
+    does fastguide (guarding it like a zero std would skip the requested rescale and hide the bad value).
+    The other sample is rescaled normally."""
+    inputs = make_inputs(op, (2, 4, 8, 8))
+    inputs[0][0, 1, 2, 3] = float("nan")
+    if backend == "dispatcher":
+        out = run(op, inputs, 7.5, rescale=0.7)
+    elif backend == "eager":
+        out = fastguide._eager.guide(inputs[0], inputs[1], inputs[2] if op == "pag" else None, None, 7.5, None, 1.5,
+                                     0.7, False, op == "cfg_zero_star")
+    else:
+        out = triton_guidance.guide(*[x.to(TRITON_DEVICE) for x in inputs[:2]],
+                                    inputs[2].to(TRITON_DEVICE) if op == "pag" else None, None, 7.5, None, 1.5, 0.7,
+                                    False, op == "cfg_zero_star").cpu()
+    theirs = diffusers_pred(op, inputs, 7.5, rescale=0.7)
+    assert torch.isnan(theirs[0]).all() and torch.isnan(out[0]).all()
+    torch.testing.assert_close(out[1], theirs[1], rtol=2e-6, atol=2e-6 * theirs[1].abs().max().item())
+
+
 def test_cfg_zero_star_zero_uncond_matches_diffusers_eps():
     """uncond = 0: alpha = 0 / (0 + 1e-8) = 0 in diffusers; the result is scale * cond."""
     c = torch.randn(2, 3, 4, 4)

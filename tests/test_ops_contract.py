@@ -74,6 +74,9 @@ def _bad_cases():
         ("scale string", lambda: fastguide.cfg(c, c, "7.5"), TypeError, "float or a tensor"),
         ("rescale nan", lambda: fastguide.cfg(c, c, 2.0, rescale=float("nan")), ValueError, "rescale"),
         ("scale device", lambda: fastguide.cfg(c, c, torch.ones(2, device="meta")), ValueError, "cond's device"),
+        ("float8", lambda: fastguide.cfg(c.to(torch.float8_e4m3fn), c.to(torch.float8_e4m3fn), 2.0), TypeError,
+         "float32, float16, bfloat16 or float64, got torch.float8_e4m3fn"),
+        ("complex", lambda: fastguide.pag(c.cfloat(), c.cfloat(), c.cfloat(), 2.0, 1.0), TypeError, "complex64"),
     ]
 
 
@@ -94,3 +97,68 @@ def test_raw_op_checks_in_cpp(op):
         getattr(torch.ops.fastguide, op)(*op_args(op, bad, None, 2.0, 0.0, False))
     with pytest.raises(RuntimeError, match="0-d or of shape"):
         getattr(torch.ops.fastguide, op)(*op_args(op, inputs, torch.ones(5), 2.0, 0.0, False))
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_empty_feature_dim(op):
+    inputs = [torch.randn(2, 0, 5) for _ in range(NINPUTS[op])]
+    for rescale in (0.0, 0.7):
+        out = run(op, inputs, 3.0, rescale=rescale)
+        assert out.shape == (2, 0, 5) and out.dtype == torch.float32
+
+
+def _eager_calls(layout):
+    """Every eager op on inputs of the given layout, with the C++/dispatcher result on contiguous copies."""
+    c, u = make_inputs("cfg", (2, 3, 6, 5))
+    if layout == "channels_last":
+        c, u = c.to(memory_format=torch.channels_last), u.to(memory_format=torch.channels_last)
+    else:
+        c, u = c.transpose(2, 3), u.transpose(2, 3)
+    st = torch.tensor([2.0, 3.0])
+    ah, aw = fastguide.frequency.operators("fft_box", c.shape[-2], c.shape[-1], 2, 2, "cpu", torch.float32)
+    e, f = fastguide._eager, torch.ops.fastguide
+    return [
+        ("cfg", e.cfg, f.cfg, (c, u, st, 0.0, 0.5, False)),
+        ("pag", e.pag, f.pag, (c, u, c * 0.9, None, 3.0, st, 0.0, 0.0, True)),
+        ("cfg_zero_star", e.cfg_zero_star, f.cfg_zero_star, (c, u, None, 4.0, 0.0, False)),
+        ("frequency_cfg", e.frequency_cfg, f.frequency_cfg, (c, u, ah, aw, st, 0.0, None, 5.0, False)),
+        ("frequency_split", e.frequency_split, f.frequency_split, (c, ah, aw)),
+        ("cfgpp_step", e.cfgpp_step, f.cfgpp_step, (c, c, u, 1.0, -0.5, 0.3, st, 0.0)),
+    ]
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "transposed"])
+def test_eager_fallback_output_is_contiguous_like_the_fake(layout):
+    """The eager fallback serves devices without a fused kernel; its outputs must have the layout the fake
+    implementation promises (contiguous), or opcheck and torch.compile(fullgraph=True) fail there."""
+    for name, eager, op, args in _eager_calls(layout):
+        out = eager(*args)
+        assert out.is_contiguous(), name
+        fake = torch._subclasses.fake_tensor.FakeTensorMode()
+        with fake:
+            fargs = [fake.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+            expected = op(*fargs)
+        assert out.stride() == expected.stride(), name
+        torch.testing.assert_close(out, op(*args), rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("op", OPS + ("apg", "frequency_cfg", "cfgpp_euler_step"))
+def test_python_float_scale_changing_under_fullgraph(op):
+    """A Python float scale that changes every call: no graph break under fullgraph=True, and at most the one
+    recompile dynamo itself makes when a float input first changes (it then treats it as symbolic)."""
+    counter = torch._dynamo.testing.CompileCounter()
+    c, u = make_inputs("cfg", (2, 4, 8, 8))
+    p = c * 0.9
+    calls = {
+        "cfg": lambda s: fastguide.cfg(c, u, s, rescale=0.5),
+        "pag": lambda s: fastguide.pag(c, u, p, s, s / 2),
+        "cfg_zero_star": lambda s: fastguide.cfg_zero_star(c, u, s),
+        "apg": lambda s: fastguide.apg(c, u, s, norm_threshold=3.0),
+        "frequency_cfg": lambda s: fastguide.frequency_cfg(c, u, s, s + 1.0, cutoff=2),
+        "cfgpp_euler_step": lambda s: fastguide.cfgpp_euler_step(c, c, u, s / 10.0, 1.5, 1.0),
+    }
+    call = calls[op]
+    compiled = torch.compile(call, backend=counter, fullgraph=True)
+    for s in (1.5, 2.5, 4.0, 7.5, 9.0):
+        torch.testing.assert_close(compiled(s), call(s))
+    assert counter.frame_count <= 2
