@@ -18,20 +18,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import frequency, ops
+from . import methods, ops
 from .attention import IdentityPAGProcessor, apply_pag, remove_pag
 
 SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline")
-PARAMS = {  # guidance -> {parameter: default}; "scale" None means the pipeline call's guidance_scale
-    "cfg": {"scale": None, "rescale": 0.0, "original": False},
-    "apg": {"scale": None, "eta": 1.0, "norm_threshold": 0.0, "momentum": None, "norm_dim": None, "rescale": 0.0,
-            "original": False},
-    "pag": {"scale": None, "pag_scale": 3.0, "layers": ("mid",), "rescale": 0.0, "original": False},
-    "cfg_zero_star": {"scale": None, "zero_init_steps": 1, "rescale": 0.0, "original": False},
-    "frequency": {"scale_low": 1.0, "scale_high": None, "method": "fft_box", "cutoff": None, "size": None,
-                  "rescale": 0.0, "original": False},
-    "fdg": {"scales": (10.0, 5.0), "parallel_weights": None, "rescale": 0.0, "original": False},
-}
 
 
 @dataclass(frozen=True)
@@ -102,7 +92,7 @@ def calibrate_linear_ag(pipe, prompt_embeds, negative_prompt_embeds, num_inferen
         if previous is not None:
             enable(pipe, previous.guidance, adaptive=previous.adaptive, interval=previous.interval,
                    linear_ag=previous.linear_ag, **{k: v for k, v in previous.params.items()
-                                                   if v != PARAMS[previous.guidance][k]})
+                                                   if v != previous.method.params[k]})
     return LinearAG(fit_linear_ag(history, steps), num_inference_steps)
 
 
@@ -116,9 +106,11 @@ class Report:
 
 
 class _Guidance:
-    """The per-pipeline state: settings, the step counter, the APG momentum buffer, AG/interval policy."""
+    """The per-pipeline state: the method and its settings, the step counter, the method's state across
+    steps (APG's momentum buffer), the AG/interval policy."""
 
     def __init__(self, pipe, denoiser, guidance, params, adaptive=None, interval=None, linear_ag=None):
+        self.method = methods.get(guidance, "fastguide.enable")
         if adaptive is not None and not isinstance(adaptive, AG):
             raise TypeError(f"fastguide.enable: adaptive must be a fastguide.AG, got {type(adaptive).__name__}")
         if interval is not None:
@@ -131,26 +123,22 @@ class _Guidance:
             raise TypeError(f"fastguide.enable: linear_ag must be a fastguide.LinearAG, got {type(linear_ag).__name__}")
         if linear_ag is not None and (adaptive is not None or interval is not None):
             raise ValueError("fastguide.enable: linear_ag cannot be combined with adaptive or interval")
-        if (adaptive is not None or interval is not None or linear_ag is not None) and guidance in ("apg", "pag"):
+        if ((adaptive is not None or interval is not None or linear_ag is not None)
+                and not (self.method.stateless and self.method.branches == ("cond", "uncond"))):
+            usable = sorted(m.name for m in methods.METHODS.values()
+                            if m.stateless and m.branches == ("cond", "uncond"))
             raise ValueError(f"fastguide.enable: adaptive/interval/linear_ag skip rows per sample; guidance={guidance!r} "
-                             "(momentum state / perturbed rows) is not supported with them yet; use cfg, "
-                             "cfg_zero_star, frequency or fdg")
+                             f"(state across steps or extra branches) is not supported with them yet; use one of {usable}")
         self.linear_ag = linear_ag
         self.record = None      # calibration: per-step (cond, uncond) of full-CFG runs
         self.history = None     # LinearAG: the previous step's (cond, uncond)
         self.adaptive, self.interval = adaptive, (tuple(map(float, interval)) if interval is not None else None)
         self.report = Report()
         self.done = None  # per-sample AG flags of the current trajectory
-        if guidance not in PARAMS:
-            raise ValueError(f"fastguide.enable: unknown guidance {guidance!r}; supported: {sorted(PARAMS)}")
-        unknown = sorted(set(params) - set(PARAMS[guidance]))
-        if unknown:
-            raise ValueError(f"fastguide.enable: guidance={guidance!r} takes {sorted(PARAMS[guidance])}, "
-                             f"not {unknown}")
         self.pipe, self.denoiser, self.guidance = pipe, denoiser, guidance
-        self.params = {**PARAMS[guidance], **params}
+        self.params = self.method.check_params(params, "fastguide.enable")
         self.step, self.last_t = 0, None
-        self.buffer = ops.MomentumBuffer(self.params["momentum"]) if self.params.get("momentum") is not None else None
+        self.state = self.method.new_state(self.params) if self.method.new_state is not None else None
         self.processor = None
 
     def _scale(self, name="scale"):
@@ -168,8 +156,8 @@ class _Guidance:
             self.done = None
             self.report = Report()
             self.pipe.fastguide_report = self.report
-            if self.buffer is not None:
-                self.buffer.reset()
+            if self.method.reset_state is not None:
+                self.method.reset_state(self.state)
         else:
             self.step += 1
         self.last_t = t
@@ -188,26 +176,12 @@ class _Guidance:
         return float(((1 - ac) / ac) ** 0.5)
 
     def guide(self, cond, uncond, perturbed):
-        p, g = self.params, self.guidance
-        if g == "cfg":
-            return ops.cfg(cond, uncond, self._scale(), rescale=p["rescale"], original=p["original"])
-        if g == "apg":
-            return ops.apg(cond, uncond, self._scale(), eta=p["eta"], norm_threshold=p["norm_threshold"],
-                           momentum_buffer=self.buffer, norm_dim=p["norm_dim"], rescale=p["rescale"],
-                           original=p["original"])
-        if g == "pag":
-            return ops.pag(cond, uncond, perturbed, self._scale(), p["pag_scale"], rescale=p["rescale"],
-                           original=p["original"])
-        if g == "cfg_zero_star":
-            if self.step < p["zero_init_steps"]:
-                return torch.zeros_like(cond)
-            return ops.cfg_zero_star(cond, uncond, self._scale(), rescale=p["rescale"], original=p["original"])
-        if g == "frequency":
-            return frequency.frequency_cfg(cond, uncond, p["scale_low"], self._scale("scale_high"), method=p["method"],
-                                           cutoff=p["cutoff"], size=p["size"], rescale=p["rescale"],
-                                           original=p["original"])
-        return frequency.fdg(cond, uncond, list(p["scales"]), parallel_weights=p["parallel_weights"],
-                             rescale=p["rescale"], original=p["original"])
+        """The method's combine on this step's predictions, its scales resolved for this step."""
+        p = dict(self.params)
+        for name in self.method.scale_params:
+            p[name] = self._scale(name)
+        preds = {"cond": cond, "uncond": uncond, "perturbed": perturbed}
+        return self.method.combine(preds, p, self.state, self.step)
 
     def __call__(self, forward, args, kwargs):
         if not getattr(self.pipe, "do_classifier_free_guidance", False):
@@ -221,7 +195,7 @@ class _Guidance:
             return self._skipping_call(forward, bound, batch, half, t)
         if self.linear_ag is not None:
             return self._linear_ag_call(forward, bound, batch, half)
-        pag = self.guidance == "pag"
+        pag = "perturbed" in self.method.branches
         if pag:  # [uncond, cond] -> [uncond, cond, cond]: every input batched like the latents gets its cond half again
             for name, value in bound.arguments.items():
                 bound.arguments[name] = _map_batched(value, batch, lambda v: torch.cat([v, v[half:]]))
@@ -340,7 +314,7 @@ def enable(pipe, guidance="cfg", *, adaptive=None, interval=None, linear_ag=None
     denoiser = _denoiser(pipe)
     state = _Guidance(pipe, denoiser, guidance, params, adaptive, interval, linear_ag)  # validates first
     disable(pipe)
-    if guidance == "pag":
+    if "perturbed" in state.method.branches:
         state.processor = apply_pag(denoiser, list(state.params["layers"]), IdentityPAGProcessor(chunks=3))
     original = denoiser.forward
 

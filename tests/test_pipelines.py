@@ -205,7 +205,7 @@ def test_works_with_torch_compile_of_the_denoiser():
 
 def test_bad_input_lists_what_is_supported():
     pipe = make_sd()
-    with pytest.raises(ValueError, match="unknown guidance 'magic'; supported: .*'apg'"):
+    with pytest.raises(ValueError, match="unknown guidance 'magic'; known methods: .*'apg'"):
         fastguide.enable(pipe, guidance="magic")
     with pytest.raises(ValueError, match="takes .*not \\['bogus'\\]"):
         fastguide.enable(pipe, guidance="cfg", bogus=1)

@@ -1,0 +1,50 @@
+"""The method registry: one record per guidance method, read by `enable` (and `info`)."""
+import pytest
+import torch
+from diffusers import guiders as dg
+
+import fastguide
+import fastguide.diffusers as fd
+from fastguide import methods
+from test_pipelines import STEPS, make_sd, run
+
+
+def test_registry_is_public_read_only_and_consistent():
+    assert fastguide.METHODS is methods.METHODS
+    assert {"cfg", "apg", "pag", "cfg_zero_star", "frequency", "fdg"} <= set(fastguide.METHODS)
+    with pytest.raises(TypeError):
+        fastguide.METHODS["mine"] = None  # registration goes through methods.register
+    for name, m in fastguide.METHODS.items():
+        assert m.name == name and m.summary and m.peer
+        assert set(m.example) <= set(m.params) and set(m.scale_params) <= set(m.params)
+        assert {"rescale", "original"} <= set(m.params)
+        if m.twin is not None:  # the twin is fastguide's subclass of the diffusers guider of the same name
+            twin = getattr(fd, m.twin)
+            assert issubclass(twin, getattr(dg, m.twin)) and fd.GUIDERS[getattr(dg, m.twin)] is twin
+
+
+def test_unknown_name_lists_the_known_ones():
+    with pytest.raises(ValueError, match=r"unknown guidance 'magic'; known methods: \['apg', 'cfg'"):
+        methods.get("magic", "somewhere")
+    with pytest.raises(ValueError, match="known methods"):
+        methods.get(None)
+    with pytest.raises(ValueError, match="already registered"):
+        methods.register(fastguide.METHODS["cfg"])
+
+
+@pytest.mark.parametrize("name", sorted(methods.METHODS))
+def test_every_method_runs_through_enable(name):
+    """Each registered method on a tiny StableDiffusion pipeline with its example settings: runs every
+    step, stays finite, and (except plain CFG) changes the result against CFG at the same scale."""
+    pipe = make_sd()
+    method = fastguide.METHODS[name]
+    fastguide.enable(pipe, guidance="cfg")
+    cfg = run(pipe, "sd")
+    fastguide.enable(pipe, guidance=name, **method.example)
+    out = run(pipe, "sd")
+    assert pipe.fastguide_report.steps == STEPS and torch.isfinite(out).all()
+    rows = len(method.branches)  # one denoiser row per branch and sample
+    assert pipe.fastguide_report.nfe == STEPS * rows
+    if name != "cfg" or method.example.get("rescale"):
+        assert (out - cfg).abs().max() > 1e-4
+    fastguide.disable(pipe)
