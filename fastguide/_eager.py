@@ -90,8 +90,8 @@ def apg(cond, uncond, scale_t, scale, eta, norm_threshold, momentum, momentum_bu
 
 def guidance_stats(cond, uncond, guided, group_size):
     acc = _acc(cond)
-    if group_size == 0:  # empty groups (the public wrapper answers those itself): as the fake, no rows
-        return torch.zeros((0, 7), dtype=torch.float32, device=cond.device)
+    if group_size == 0:  # an empty input: one empty group per sample (zero sums, cosines 0), as the kernels
+        return torch.zeros((cond.shape[0], 7), dtype=torch.float32, device=cond.device)
     c = cond.to(acc).reshape(-1, group_size)
     u = uncond.to(acc).reshape(-1, group_size)
     cols = [(c * u).sum(1), (c * c).sum(1), (u * u).sum(1)]

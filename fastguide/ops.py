@@ -92,7 +92,9 @@ def _fake(cond, *args):
 
 
 def _fake_stats(cond, uncond, guided, group_size):
-    return cond.new_empty((cond.numel() // group_size if group_size else 0, 7), dtype=torch.float32)
+    # group_size 0 (an empty input): one empty group per sample, as the kernels define it
+    groups = cond.numel() // group_size if group_size else cond.shape[0]
+    return cond.new_empty((groups, 7), dtype=torch.float32)
 
 
 for _name in OPS:
