@@ -44,11 +44,11 @@ def test_apg_fp64(shape, original):
         assert rel_err(buf.running_average, ref_buf) < TOL, step
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_guidance_stats_fp64_is_the_float64_value_rounded_once(shape):
+@pytest.mark.parametrize("shape,norm_dim", [((3, 17, 59), None), ((4, 5, 20011), -1)], ids=str)
+def test_guidance_stats_fp64_is_the_float64_value_rounded_once(shape, norm_dim):
     c, u, g = _inputs(shape)
-    raw = fastguide.guidance_stats(c, u, g).raw
-    cf, uf, gf = (x.flatten(1) for x in (c, u, g))
+    raw = fastguide.guidance_stats(c, u, g, norm_dim=norm_dim).raw.flatten(0, -2)
+    cf, uf, gf = (x.flatten(1) if norm_dim is None else x.flatten(0, -2) for x in (c, u, g))
     cols = [(cf * uf).sum(1), (cf * cf).sum(1), (uf * uf).sum(1), (cf * gf).sum(1), (gf * gf).sum(1)]
     nc = cols[1].sqrt().clamp_min(1e-8)
     cols += [cols[0] / (nc * cols[2].sqrt().clamp_min(1e-8)), cols[3] / (nc * cols[4].sqrt().clamp_min(1e-8))]
