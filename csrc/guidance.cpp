@@ -3,7 +3,7 @@
 // Passes over memory:
 //   * CFG / PAG without rescale: one pass (each input read once, the output written once).
 //   * rescale or CFG-Zero*: pass 1 reads the inputs once and writes per-chunk moments
-//     (10 numbers per 1024 elements); pass 2 recomputes the combination and writes the output.
+//     (10 numbers per 4096 elements, 1024 for fp16); pass 2 recomputes the combination and writes the output.
 // Arithmetic is in at::opmath_type<T> (fp32 for fp16/bf16/fp32, fp64 for fp64 inputs: scales,
 // moments and coefficients included). The element loops are in kernels.inc (one copy per ISA).
 #include <ATen/ATen.h>
@@ -21,11 +21,12 @@
 namespace fastguide {
 namespace {
 
-// Moments are taken per chunk of one kernel block (isa::kBlock elements): each chunk is summed, then
-// centred on its own mean in a second sweep while it is in L1, so no E[x^2] - E[x]^2 cancellation ever
-// happens; chunks are merged with the exact mean-correction formula in a fixed order (deterministic,
-// no atomics). Chunk partials are acc_t values (fp32, fp64 for fp64 inputs) kept in doubles.
-constexpr int64_t kChunk = isa::kBlock;
+// Moments are taken per chunk: each chunk is summed, then centred on its own mean in a second sweep
+// while it is in L1/L2, so no E[x^2] - E[x]^2 cancellation ever happens; chunks are merged with the
+// exact mean-correction formula in a fixed order (deterministic, no atomics). Chunk partials are acc_t
+// values (fp32, fp64 for fp64 inputs) kept in doubles. An fp16 chunk is one staging block of the kernels.
+template <typename T>
+constexpr int64_t kChunk = std::is_same_v<T, c10::Half> ? isa::kBlock : 4096;
 // Partial layout: n, sum(u), sum(d), sum(e), then the centred co-moments of (u, d, e)
 // with d = c - u and e = c - p: M_uu, M_ud, M_ue, M_dd, M_de, M_ee.
 constexpr int kStats = 10;
@@ -102,12 +103,13 @@ void guide_kernel(const at::Tensor& cond, const at::Tensor& uncond, const at::Te
     coef[b] = {acc_t(1), static_cast<acc_t>(sv1[b]), HAS_P ? static_cast<acc_t>(sv2[b]) : acc_t(0), acc_t(1)};
 
   if (zero_star || rescale > 0) {
-    const int64_t nchunks = (N + kChunk - 1) / kChunk;
+    constexpr int64_t chunk = kChunk<T>;
+    const int64_t nchunks = (N + chunk - 1) / chunk;
     std::vector<double> part(B * nchunks * kStats);
     at::parallel_for(0, B * nchunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t b = t / nchunks, q = t % nchunks;
-        const int64_t lo = b * N + q * kChunk, hi = std::min(lo + kChunk, (b + 1) * N);
+        const int64_t lo = b * N + q * chunk, hi = std::min(lo + chunk, (b + 1) * N);
         K.moments[HAS_P](c + lo, u + lo, HAS_P ? p + lo : nullptr, hi - lo, part.data() + t * kStats);
       }
     });

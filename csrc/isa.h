@@ -24,16 +24,15 @@ struct Bf16 {
 enum Dtype : int { kF32, kF64, kF16, kBF16, kNumDtypes };
 enum Level : int { kBaseline, kAvx2, kAvx512, kNumLevels };
 
-// Elements per staging block: fp16/bf16 inputs are converted to fp32 one block at a time (into
-// stack buffers that stay in L1) and every loop runs over blocks; the guidance moments are taken
-// per block (their chunk is one block, see guidance.cpp).
+// Elements per staging block: fp16 inputs are converted to fp32 one block at a time (into stack
+// buffers that stay in L1); an fp16 moments chunk is one block (see guidance.cpp).
 constexpr int64_t kBlock = 1024;
 
 // One dtype's kernels. Pointers are that dtype's storage (float, double, Fp16, Bf16); scalars are
 // passed as double and narrowed to the arithmetic type inside: fp32 for fp32/fp16/bf16, fp64 for fp64
 // (fp32 callers pass values that are already fp32, so the narrowing is exact).
 struct Kernels {
-  // guidance.cpp. Moments of one chunk of n <= kBlock elements, d = c - u, e = c - p:
+  // guidance.cpp. Moments of one chunk (n <= kBlock for fp16), d = c - u, e = c - p:
   // out = {n, sum u, sum d, sum e, M_uu, M_ud, M_ue, M_dd, M_de, M_ee} (co-moments centred on the chunk).
   void (*moments[2])(const void* c, const void* u, const void* p, int64_t n, double* out);  // [has p]
   // out = f * (base + s1 * (c - alpha u) + s2 * (c - p)), base = alpha u (c when original); k = {alpha, s1, s2, f}.
