@@ -10,7 +10,6 @@ If the C++ build fails, the package still imports and falls back to plain PyTorc
 (see `python -m fastguide info`); set FASTGUIDE_REQUIRE_EXT=1 to make a failed build fatal.
 """
 import os
-import platform
 import sys
 
 from setuptools import setup
@@ -22,15 +21,12 @@ except ImportError:  # pragma: no cover - only without torch
              "pip install --no-build-isolation -e .")
 
 
-def _cpu_flags():
-    """-O3 plus the widest x86 vector ISA the build machine has (the extension is built where it runs)."""
-    flags = ["-O3", "-fopenmp", "-std=c++17"]
-    if platform.machine() in ("x86_64", "AMD64") and os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-        if " avx2 " in info and " fma " in info and " f16c " in info:
-            flags += ["-mavx2", "-mfma", "-mf16c"]
-    return flags
+# One set of flags for every source, no -m<isa>: the extension runs on any CPU of its architecture.
+# The AVX2 and AVX-512 copies of the kernels get their instruction sets from `#pragma GCC target`
+# inside csrc/kernels_avx2.cpp / kernels_avx512.cpp, and csrc/isa.cpp picks one at load time.
+# -ffp-contract=off: no a*b+c fused into an FMA, so every copy rounds the same (bitwise-equal results
+# for the element-wise ops) and the fp32 CFG combine stays bit for bit diffusers'.
+CPU_FLAGS = ["-O3", "-fopenmp", "-std=c++17", "-ffp-contract=off"]
 
 
 class OptionalBuildExt(BuildExtension):
@@ -46,10 +42,8 @@ class OptionalBuildExt(BuildExtension):
                   "the CPU ops will use the plain PyTorch fallback.", file=sys.stderr)
 
 
+# Package metadata (name, version, dependencies, entry points) lives in pyproject.toml's [project].
 setup(
-    name="fastguide",
-    version="0.1.0",
-    description="Fused guidance ops (CFG, PAG, CFG-Zero*, ...) for diffusion samplers",
     packages=["fastguide", "fastguide.kernels"],
     # Triton kernels live in the top-level kernels/ folder but install as fastguide.kernels.
     package_dir={"fastguide": "fastguide", "fastguide.kernels": "kernels"},
@@ -57,17 +51,9 @@ setup(
         CppExtension(
             "fastguide._C",
             sources=sorted(os.path.join("csrc", f) for f in os.listdir("csrc") if f.endswith(".cpp")),
-            extra_compile_args=_cpu_flags(),
+            extra_compile_args=CPU_FLAGS,
             extra_link_args=["-fopenmp"],
         )
     ],
     cmdclass={"build_ext": OptionalBuildExt.with_options(use_ninja=True)},
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4"],
-    extras_require={
-        "triton": ["triton"],
-        "test": ["pytest", "diffusers", "kornia", "transformers"],
-        "bench": ["pytest-benchmark", "diffusers", "rich"],
-    },
-    entry_points={"console_scripts": ["fastguide=fastguide.__main__:main"]},
 )

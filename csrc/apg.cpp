@@ -2,8 +2,10 @@
 //
 // Norm groups are contiguous runs of K = group_size elements of the flattened, contiguous input
 // (the Python wrapper permutes the reduced dims of `norm_dim` to the end first). Each group is
-// split into chunks of at most kChunk elements; a chunk's sums are accumulated in fp32 SIMD lanes
-// and the chunks of a group are added in a fixed order: deterministic, no atomics.
+// split into chunks of at most kChunk elements; a chunk's sums are accumulated in SIMD lanes (fp32,
+// fp64 for fp64 inputs) and the chunks of a group are added in a fixed order: deterministic, no atomics.
+// The element loops are in kernels.inc (one copy per ISA); fp64 inputs get fp64 scales, eta, threshold,
+// momentum and sums.
 //
 // APG, two passes over memory:
 //   pass 1 reads c, u (and the momentum buffer), writes the updated buffer in place and sums
@@ -37,13 +39,15 @@ struct Layout {
   int64_t sample(int64_t g) const { return (g * K) / per_sample; }
 };
 
+// group_size may be 0 only for an empty input: then there are cond.size(0) empty groups (one per
+// sample, what the wrappers' default norm_dim=None means).
 Layout layout_of(const at::Tensor& cond, int64_t group_size, const char* op) {
   const int64_t numel = cond.numel();
-  TORCH_CHECK(group_size >= 1 && numel % group_size == 0, "fastguide.", op, ": group_size must divide ",
-              numel, " elements, got ", group_size);
+  TORCH_CHECK(group_size >= 1 ? numel % group_size == 0 : group_size == 0 && numel == 0, "fastguide.", op,
+              ": group_size must divide ", numel, " elements (0 only for an empty input), got ", group_size);
   Layout L;
   L.K = group_size;
-  L.G = numel / group_size;
+  L.G = group_size ? numel / group_size : cond.size(0);
   L.nq = (L.K + kChunk - 1) / kChunk;
   L.B = cond.size(0);
   L.per_sample = L.B ? numel / L.B : 1;
@@ -53,92 +57,29 @@ Layout layout_of(const at::Tensor& cond, int64_t group_size, const char* op) {
 // Tasks are (group, chunk) pairs; a grain of ~32K elements keeps tiny groups from becoming tiny tasks.
 template <typename F>
 void for_each_chunk(const Layout& L, F&& fn) {
+  if (L.G * L.nq == 0) return;  // an empty input
   const int64_t len = std::min(L.K, kChunk);
   at::parallel_for(0, L.G * L.nq, std::max<int64_t>(1, 32768 / len), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) fn(t, L.lo(t), L.hi(t));
   });
 }
 
-// The chunk loops are free functions over __restrict__ pointers: written inline in the
-// parallel_for lambdas (pointers captured by reference) GCC kept a vectorised version but ran
-// its scalar fallback, 4x slower.
-template <typename T, typename acc_t, bool MOM>
-void apg_pass1_chunk(const T* __restrict__ c, const T* __restrict__ u, T* __restrict__ buf, acc_t mu, int64_t n,
-                     float* out) {
-  acc_t smm = 0, smc = 0, scc = 0;
-#pragma omp simd reduction(+ : smm, smc, scc)
-  for (int64_t i = 0; i < n; ++i) {
-    const acc_t cv = c[i];
-    acc_t m = cv - static_cast<acc_t>(u[i]);
-    if constexpr (MOM) {
-      // The running average is stored in the inputs' dtype (as diffusers keeps it), and the
-      // rounded value is what this and later steps use.
-      const T stored = static_cast<T>(m + mu * static_cast<acc_t>(buf[i]));
-      buf[i] = stored;
-      m = stored;
-    }
-    smm += m * m;
-    smc += m * cv;
-    scc += cv * cv;
-  }
-  out[0] = smm;
-  out[1] = smc;
-  out[2] = scc;
-}
-
-template <typename T, typename acc_t, bool MOM>
-void apg_pass2_chunk(const T* __restrict__ c, const T* __restrict__ u, const T* __restrict__ buf, T* __restrict__ o,
-                     int64_t n, acc_t k, acc_t pb, acc_t s, bool original) {
-  if (original) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      const acc_t cv = c[i];
-      const acc_t m = MOM ? static_cast<acc_t>(buf[i]) : cv - static_cast<acc_t>(u[i]);
-      o[i] = static_cast<T>(cv + s * (k * m + pb * cv));
-    }
-  } else {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      const acc_t cv = c[i], uv = u[i];
-      const acc_t m = MOM ? static_cast<acc_t>(buf[i]) : cv - uv;
-      o[i] = static_cast<T>(uv + s * (k * m + pb * cv));
-    }
-  }
-}
-
-template <typename T, typename acc_t, bool HAS_G>
-void stats_chunk(const T* __restrict__ c, const T* __restrict__ u, const T* __restrict__ gd, int64_t n, float* out) {
-  acc_t cu = 0, cc = 0, uu = 0, cg = 0, gg = 0;
-#pragma omp simd reduction(+ : cu, cc, uu, cg, gg)
-  for (int64_t i = 0; i < n; ++i) {
-    const acc_t cv = c[i], uv = u[i];
-    cu += cv * uv;
-    cc += cv * cv;
-    uu += uv * uv;
-    if constexpr (HAS_G) {
-      const acc_t gv = gd[i];
-      cg += cv * gv;
-      gg += gv * gv;
-    }
-  }
-  const acc_t v[5] = {cu, cc, uu, cg, gg};
-  std::copy(v, v + 5, out);
-}
-
 template <typename T, bool MOM>
 void apg_kernel(const at::Tensor& cond, const at::Tensor& uncond, at::Tensor* buffer, const Layout& L,
-                const std::vector<float>& scale, double eta, double thr, double momentum, bool original,
+                const std::vector<double>& scale, double eta, double thr, double momentum, bool original,
                 at::Tensor& out) {
   using acc_t = at::opmath_type<T>;
+  const isa::Kernels& K = kernels_for<T>();
   const T* c = cond.const_data_ptr<T>();
   const T* u = uncond.const_data_ptr<T>();
   T* buf = MOM ? buffer->mutable_data_ptr<T>() : nullptr;
   T* o = out.mutable_data_ptr<T>();
-  const acc_t mu = static_cast<acc_t>(momentum);
+  // The momentum as the arithmetic type (fp32 unless the inputs are fp64).
+  const double mu = static_cast<acc_t>(momentum);
 
-  std::vector<float> part(L.G * L.nq * 3);
+  std::vector<double> part(L.G * L.nq * 3);
   for_each_chunk(L, [&](int64_t t, int64_t lo, int64_t hi) {
-    apg_pass1_chunk<T, acc_t, MOM>(c + lo, u + lo, MOM ? buf + lo : nullptr, mu, hi - lo, part.data() + t * 3);
+    K.apg_update[MOM](c + lo, u + lo, MOM ? buf + lo : nullptr, mu, hi - lo, part.data() + t * 3);
   });
 
   // Per-group coefficients (k, beta), chunks summed in order.
@@ -146,10 +87,10 @@ void apg_kernel(const at::Tensor& cond, const at::Tensor& uncond, at::Tensor* bu
   for (int64_t g = 0; g < L.G; ++g) {
     acc_t smm = 0, smc = 0, scc = 0;
     for (int64_t q = 0; q < L.nq; ++q) {
-      const float* p = part.data() + (g * L.nq + q) * 3;
-      smm += p[0];
-      smc += p[1];
-      scc += p[2];
+      const double* p = part.data() + (g * L.nq + q) * 3;
+      smm += static_cast<acc_t>(p[0]);
+      smc += static_cast<acc_t>(p[1]);
+      scc += static_cast<acc_t>(p[2]);
     }
     // thr / 0 = inf and min(1, inf) = 1, as in diffusers.
     const acc_t k = thr > 0 ? std::min<acc_t>(1, static_cast<acc_t>(thr) / std::sqrt(smm)) : acc_t(1);
@@ -161,8 +102,8 @@ void apg_kernel(const at::Tensor& cond, const at::Tensor& uncond, at::Tensor* bu
   const acc_t em1 = static_cast<acc_t>(eta) - 1;
   for_each_chunk(L, [&](int64_t t, int64_t lo, int64_t hi) {
     const int64_t g = t / L.nq;
-    apg_pass2_chunk<T, acc_t, MOM>(c + lo, u + lo, MOM ? buf + lo : nullptr, o + lo, hi - lo, kk[g], em1 * beta[g],
-                                   static_cast<acc_t>(scale[L.sample(g)]), original);
+    K.apg_combine[MOM](c + lo, u + lo, MOM ? buf + lo : nullptr, o + lo, hi - lo, kk[g], em1 * beta[g],
+                       static_cast<acc_t>(scale[L.sample(g)]), original);
   });
 }
 
@@ -180,7 +121,7 @@ at::Tensor apg_cpu(const at::Tensor& cond_in, const at::Tensor& uncond_in, const
   const at::Tensor c = cond_in.contiguous(), u = uncond_in.contiguous();
   at::Tensor out = new_output(c);
   if (c.numel() == 0) return out;
-  const std::vector<float> s = scale_values(scale_t, scale, L.B);
+  const std::vector<double> s = scale_values(scale_t, scale, L.B);
   at::Tensor buf = momentum_buffer.has_value() ? *momentum_buffer : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "fastguide_apg", [&] {
     if (buf.defined())
@@ -192,18 +133,19 @@ at::Tensor apg_cpu(const at::Tensor& cond_in, const at::Tensor& uncond_in, const
 }
 
 // One pass: per group <c,u>, |c|^2, |u|^2, <c,g>, |g|^2, cos(c,u), cos(c,g) -> [G, 7] fp32
-// (the guided columns are 0 without `guided`).
+// (the guided columns are 0 without `guided`; an empty group gives zeros, cosines included).
 template <typename T, bool HAS_G>
 void stats_kernel(const T* c, const T* u, const T* gd, const Layout& L, float* res) {
   using acc_t = at::opmath_type<T>;
-  std::vector<float> part(L.G * L.nq * 5);
+  const isa::Kernels& K = kernels_for<T>();
+  std::vector<double> part(L.G * L.nq * 5);
   for_each_chunk(L, [&](int64_t t, int64_t lo, int64_t hi) {
-    stats_chunk<T, acc_t, HAS_G>(c + lo, u + lo, HAS_G ? gd + lo : nullptr, hi - lo, part.data() + t * 5);
+    K.stats[HAS_G](c + lo, u + lo, HAS_G ? gd + lo : nullptr, hi - lo, part.data() + t * 5);
   });
   for (int64_t g = 0; g < L.G; ++g) {
     acc_t a[5] = {};
     for (int64_t q = 0; q < L.nq; ++q)
-      for (int j = 0; j < 5; ++j) a[j] += part[(g * L.nq + q) * 5 + j];
+      for (int j = 0; j < 5; ++j) a[j] += static_cast<acc_t>(part[(g * L.nq + q) * 5 + j]);
     for (int j = 0; j < 5; ++j) res[g * 7 + j] = static_cast<float>(a[j]);
     // Cosines as F.cosine_similarity: each norm clamped at 1e-8.
     const acc_t eps = static_cast<acc_t>(1e-8);

@@ -3,7 +3,8 @@
 //     x_next = a x + b g + c u
 // Euler (sigma space, epsilon prediction): a = 1, b = -sigma, c = sigma_next.
 // DDIM (eta = 0): a = sqrt(ab_prev / ab_t), b = -sqrt(ab_prev) sqrt(1 - ab_t) / sqrt(ab_t), c = sqrt(1 - ab_prev).
-// The coefficients are computed by the Python wrappers (fastguide/ops.py).
+// The coefficients are computed by the Python wrappers (fastguide/ops.py); the element loop is in
+// kernels.inc (one copy per ISA), in fp32 (fp64 for fp64 inputs).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -15,17 +16,6 @@
 namespace fastguide {
 namespace {
 
-template <typename T, typename acc_t>
-void cfgpp_range(const T* __restrict__ x, const T* __restrict__ c, const T* __restrict__ u, T* __restrict__ o,
-                 int64_t n, acc_t a, acc_t b, acc_t cc, acc_t lam) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const acc_t uv = u[i];
-    const acc_t g = uv + lam * (static_cast<acc_t>(c[i]) - uv);
-    o[i] = static_cast<T>(a * static_cast<acc_t>(x[i]) + b * g + cc * uv);
-  }
-}
-
 at::Tensor cfgpp_step_cpu(const at::Tensor& x_in, const at::Tensor& cond_in, const at::Tensor& uncond_in, double a,
                           double b, double c, const c10::optional<at::Tensor>& scale_t, double scale) {
   check_inputs("cfgpp_step", cond_in, uncond_in, "uncond");
@@ -35,16 +25,17 @@ at::Tensor cfgpp_step_cpu(const at::Tensor& x_in, const at::Tensor& cond_in, con
   at::Tensor out = new_output(cd);
   if (cd.numel() == 0) return out;
   const int64_t B = cd.size(0), per_sample = cd.numel() / B;
-  const std::vector<float> lam = scale_values(scale_t, scale, B);
+  const std::vector<double> lam = scale_values(scale_t, scale, B);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cd.scalar_type(), "fastguide_cfgpp", [&] {
+    // Coefficients as the arithmetic type (fp32 unless the inputs are fp64), narrowed once here.
     using acc_t = at::opmath_type<scalar_t>;
+    const isa::Kernels& K = kernels_for<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* cp = cd.const_data_ptr<scalar_t>();
     const scalar_t* up = u.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     for_each_sample_run(B, per_sample, [&](int64_t s, int64_t lo, int64_t hi) {
-      cfgpp_range<scalar_t, acc_t>(xp + lo, cp + lo, up + lo, op + lo, hi - lo, acc_t(a), acc_t(b), acc_t(c),
-                                   acc_t(lam[s]));
+      K.cfgpp(xp + lo, cp + lo, up + lo, op + lo, hi - lo, acc_t(a), acc_t(b), acc_t(c), acc_t(lam[s]));
     });
   });
   return out;

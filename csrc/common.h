@@ -1,13 +1,17 @@
 #pragma once
-// Shared by every CPU kernel file: the op schemas, argument checks and the test-suite poison switch.
+// Shared by the ATen-side drivers: the op schemas, argument checks, the test-suite poison switch and
+// the runtime ISA dispatch (the element loops themselves are in kernels.inc, see isa.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "isa.h"
 
 namespace fastguide {
 
@@ -86,15 +90,29 @@ void for_each_sample_run(int64_t B, int64_t per_sample, F&& fn) {
   });
 }
 
-// Per-sample scale values as fp32 on the host (CPU kernels only): B entries.
-inline std::vector<float> scale_values(const c10::optional<at::Tensor>& t, double value, int64_t B) {
-  std::vector<float> out(B, static_cast<float>(value));
+// Per-sample scale values on the host (CPU kernels only): B entries, in double. Kernels narrow them to
+// their arithmetic type: fp32 for fp32/fp16/bf16 inputs, fp64 for fp64 inputs (a fp64 input gets its
+// scales, coefficients and sums in fp64, like the plain-PyTorch math in float64).
+inline std::vector<double> scale_values(const c10::optional<at::Tensor>& t, double value, int64_t B) {
+  std::vector<double> out(B, value);
   if (t.has_value()) {
-    const at::Tensor f = t->to(at::kFloat).contiguous();
-    const float* p = f.const_data_ptr<float>();
+    const at::Tensor f = t->to(at::kDouble).contiguous();
+    const double* p = f.const_data_ptr<double>();
     for (int64_t b = 0; b < B; ++b) out[b] = p[f.dim() == 0 ? 0 : b];
   }
   return out;
+}
+
+// The kernels for storage type T (float, double, c10::Half, c10::BFloat16).
+template <typename T>
+const isa::Kernels& kernels_for() {
+  if constexpr (std::is_same_v<T, float>) return isa::kernels(isa::kF32);
+  else if constexpr (std::is_same_v<T, double>) return isa::kernels(isa::kF64);
+  else if constexpr (std::is_same_v<T, c10::Half>) return isa::kernels(isa::kF16);
+  else {
+    static_assert(std::is_same_v<T, c10::BFloat16>);
+    return isa::kernels(isa::kBF16);
+  }
 }
 
 }  // namespace fastguide

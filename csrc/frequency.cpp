@@ -3,7 +3,8 @@
 // low(d) = sum_t A_H[t] @ d @ A_W[t]^T is two batched GEMMs per term on the [planes, H, W] view
 // (ATen/BLAS, fp32 exact on CPU); the guided combination
 //     out = base + s_low * low + s_high * (d - low),  base = uncond (cond when original)
-// is one fused pass that re-reads cond and uncond (d is not kept from the GEMM input).
+// is one fused pass that re-reads cond and uncond (d is not kept from the GEMM input), in kernels.inc
+// (one copy per ISA), in fp32 (fp64 for fp64 inputs, whose operators are fp64 too).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -35,16 +36,6 @@ at::Tensor lowpass(const at::Tensor& d, const at::Tensor& ah, const at::Tensor& 
   return low;
 }
 
-template <typename T, typename acc_t>
-void combine(const T* __restrict__ c, const T* __restrict__ u, const acc_t* __restrict__ lo, T* __restrict__ o,
-             int64_t n, acc_t sl, acc_t sh, bool original) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const acc_t cv = c[i], uv = u[i], l = lo[i];
-    o[i] = static_cast<T>((original ? cv : uv) + sl * l + sh * ((cv - uv) - l));
-  }
-}
-
 at::Tensor frequency_cfg_cpu(const at::Tensor& cond_in, const at::Tensor& uncond_in, const at::Tensor& ah,
                              const at::Tensor& aw, const c10::optional<at::Tensor>& low_t, double low,
                              const c10::optional<at::Tensor>& high_t, double high, bool original) {
@@ -56,17 +47,18 @@ at::Tensor frequency_cfg_cpu(const at::Tensor& cond_in, const at::Tensor& uncond
   at::Tensor out = new_output(c);
   if (c.numel() == 0) return out;
   const int64_t B = c.size(0), per_sample = c.numel() / B;
-  const std::vector<float> sl = scale_values(low_t, low, B), sh = scale_values(high_t, high, B);
+  const std::vector<double> sl = scale_values(low_t, low, B), sh = scale_values(high_t, high, B);
   const at::Tensor d = c.to(ah.scalar_type()) - u.to(ah.scalar_type());
   const at::Tensor lo = lowpass(d, ah, aw).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "fastguide_freq_cfg", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const isa::Kernels& K = kernels_for<scalar_t>();
     const scalar_t* cp = c.const_data_ptr<scalar_t>();
     const scalar_t* up = u.const_data_ptr<scalar_t>();
     const acc_t* lp = lo.const_data_ptr<acc_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     for_each_sample_run(B, per_sample, [&](int64_t b, int64_t lo, int64_t hi) {
-      combine<scalar_t, acc_t>(cp + lo, up + lo, lp + lo, op + lo, hi - lo, sl[b], sh[b], original);
+      K.freq_combine(cp + lo, up + lo, lp + lo, op + lo, hi - lo, acc_t(sl[b]), acc_t(sh[b]), original);
     });
   });
   return out;

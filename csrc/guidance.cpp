@@ -1,10 +1,11 @@
-// Fused CPU kernels of the guidance-combine family (see guidance.h).
+// Fused CPU kernels of the guidance-combine family.
 //
 // Passes over memory:
 //   * CFG / PAG without rescale: one pass (each input read once, the output written once).
 //   * rescale or CFG-Zero*: pass 1 reads the inputs once and writes per-chunk moments
-//     (a few floats per 4096 elements); pass 2 recomputes the combination and writes the output.
-// Arithmetic is in at::opmath_type<T> (fp32 for fp16/bf16/fp32, fp64 for fp64 inputs).
+//     (10 numbers per 4096 elements, 1024 for fp16); pass 2 recomputes the combination and writes the output.
+// Arithmetic is in at::opmath_type<T> (fp32 for fp16/bf16/fp32, fp64 for fp64 inputs: scales,
+// moments and coefficients included). The element loops are in kernels.inc (one copy per ISA).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -20,11 +21,12 @@
 namespace fastguide {
 namespace {
 
-// Elements per moments partial. Each chunk is summed, then centred on its own mean in a second
-// sweep while it is still in L1/L2,
-// so no E[x^2] - E[x]^2 cancellation ever happens; chunks are merged with the exact
-// mean-correction formula in a fixed order (deterministic, no atomics).
-constexpr int64_t kChunk = 4096;
+// Moments are taken per chunk: each chunk is summed, then centred on its own mean in a second sweep
+// while it is in L1/L2, so no E[x^2] - E[x]^2 cancellation ever happens; chunks are merged with the
+// exact mean-correction formula in a fixed order (deterministic, no atomics). Chunk partials are acc_t
+// values (fp32, fp64 for fp64 inputs) kept in doubles. An fp16 chunk is one staging block of the kernels.
+template <typename T>
+constexpr int64_t kChunk = std::is_same_v<T, c10::Half> ? isa::kBlock : 4096;
 // Partial layout: n, sum(u), sum(d), sum(e), then the centred co-moments of (u, d, e)
 // with d = c - u and e = c - p: M_uu, M_ud, M_ue, M_dd, M_de, M_ee.
 constexpr int kStats = 10;
@@ -34,57 +36,23 @@ struct Coef {
   acc_t alpha, s1, s2, f;
 };
 
-// Pass 1: moments of one chunk [lo, hi) of one sample. `omp simd reduction` lets the compiler
-// vectorise the sums (lane-wise partial sums, like a pairwise sum) without -ffast-math.
-template <typename T, typename acc_t, bool HAS_P>
-void chunk_moments(const T* __restrict__ c, const T* __restrict__ u, const T* __restrict__ p, int64_t lo, int64_t hi,
-                   float* out) {
-  acc_t su = 0, sd = 0, se = 0;
-#pragma omp simd reduction(+ : su, sd, se)
-  for (int64_t i = lo; i < hi; ++i) {
-    const acc_t cv = c[i], uv = u[i];
-    su += uv;
-    sd += cv - uv;
-    if constexpr (HAS_P) se += cv - static_cast<acc_t>(p[i]);
-  }
-  const acc_t n = static_cast<acc_t>(hi - lo);
-  const acc_t mu = su / n, md = sd / n, me = se / n;
-  acc_t m0 = 0, m1 = 0, m2 = 0, m3 = 0, m4 = 0, m5 = 0;
-#pragma omp simd reduction(+ : m0, m1, m2, m3, m4, m5)
-  for (int64_t i = lo; i < hi; ++i) {
-    const acc_t cv = c[i], uv = u[i];
-    const acc_t xu = uv - mu, xd = (cv - uv) - md;
-    m0 += xu * xu;
-    m1 += xu * xd;
-    m3 += xd * xd;
-    if constexpr (HAS_P) {
-      const acc_t xe = (cv - static_cast<acc_t>(p[i])) - me;
-      m2 += xu * xe;
-      m4 += xd * xe;
-      m5 += xe * xe;
-    }
-  }
-  const acc_t stats[kStats] = {n, su, sd, se, m0, m1, m2, m3, m4, m5};
-  for (int k = 0; k < kStats; ++k) out[k] = static_cast<float>(stats[k]);
-}
-
 // Merge a sample's chunk partials and turn them into the combine coefficients.
 // g = w_u u + w_d d + w_e e, so var(g) = w^T M w; c = u + d, so var(c) = M_uu + 2 M_ud + M_dd.
 template <typename acc_t>
-void finalize(const float* part, int64_t nchunks, bool zero_star, bool original, double rescale,
+void finalize(const double* part, int64_t nchunks, bool zero_star, bool original, double rescale,
               Coef<acc_t>& k) {
   acc_t N = 0, S[3] = {};
   for (int64_t q = 0; q < nchunks; ++q) {
-    const float* pq = part + q * kStats;
-    N += pq[0];
-    for (int v = 0; v < 3; ++v) S[v] += pq[1 + v];
+    const double* pq = part + q * kStats;
+    N += static_cast<acc_t>(pq[0]);
+    for (int v = 0; v < 3; ++v) S[v] += static_cast<acc_t>(pq[1 + v]);
   }
   const acc_t mean[3] = {S[0] / N, S[1] / N, S[2] / N};
   acc_t M[6] = {};
   static constexpr int kI[6] = {0, 0, 0, 1, 1, 2}, kJ[6] = {0, 1, 2, 1, 2, 2};
   for (int64_t q = 0; q < nchunks; ++q) {
-    const float* pq = part + q * kStats;
-    const acc_t n = pq[0];
+    const double* pq = part + q * kStats;
+    const acc_t n = static_cast<acc_t>(pq[0]);
     acc_t dm[3];
     for (int v = 0; v < 3; ++v) dm[v] = static_cast<acc_t>(pq[1 + v]) / n - mean[v];
     for (int t = 0; t < 6; ++t) M[t] += static_cast<acc_t>(pq[4 + t]) + n * dm[kI[t]] * dm[kJ[t]];
@@ -115,32 +83,6 @@ void finalize(const float* part, int64_t nchunks, bool zero_star, bool original,
   }
 }
 
-// Pass 2 (or the only pass): out = f * (base + s1 * (c - alpha u) + s2 * (c - p)), written in
-// diffusers' operation order so that alpha = f = 1 reproduces its fp32 result bit for bit.
-template <typename T, typename acc_t, bool HAS_P>
-void combine_range(const T* __restrict__ c, const T* __restrict__ u, const T* __restrict__ p, T* __restrict__ out,
-                   int64_t lo, int64_t hi,
-                   const Coef<acc_t>& k, bool original) {
-  const acc_t a = k.alpha, s1 = k.s1, s2 = k.s2, f = k.f;
-  if (original) {
-#pragma omp simd
-    for (int64_t i = lo; i < hi; ++i) {
-      acc_t cv = c[i], ua = static_cast<acc_t>(u[i]) * a;
-      acc_t r = cv + s1 * (cv - ua);
-      if constexpr (HAS_P) r = r + s2 * (cv - static_cast<acc_t>(p[i]));
-      out[i] = static_cast<T>(r * f);
-    }
-  } else {
-#pragma omp simd
-    for (int64_t i = lo; i < hi; ++i) {
-      acc_t cv = c[i], ua = static_cast<acc_t>(u[i]) * a;
-      acc_t r = ua + s1 * (cv - ua);
-      if constexpr (HAS_P) r = r + s2 * (cv - static_cast<acc_t>(p[i]));
-      out[i] = static_cast<T>(r * f);
-    }
-  }
-}
-
 template <typename T, bool HAS_P>
 void guide_kernel(const at::Tensor& cond, const at::Tensor& uncond, const at::Tensor& pert,
                   const c10::optional<at::Tensor>& s1_t, double s1, const c10::optional<at::Tensor>& s2_t,
@@ -154,26 +96,32 @@ void guide_kernel(const at::Tensor& cond, const at::Tensor& uncond, const at::Te
   T* o = out.mutable_data_ptr<T>();
   if (B == 0 || N == 0) return;
 
-  const std::vector<float> sv1 = scale_values(s1_t, s1, B), sv2 = scale_values(s2_t, s2, B);
+  const isa::Kernels& K = kernels_for<T>();
+  const std::vector<double> sv1 = scale_values(s1_t, s1, B), sv2 = scale_values(s2_t, s2, B);
   std::vector<Coef<acc_t>> coef(B);
-  for (int64_t b = 0; b < B; ++b) coef[b] = {acc_t(1), acc_t(sv1[b]), HAS_P ? acc_t(sv2[b]) : acc_t(0), acc_t(1)};
+  for (int64_t b = 0; b < B; ++b)
+    coef[b] = {acc_t(1), static_cast<acc_t>(sv1[b]), HAS_P ? static_cast<acc_t>(sv2[b]) : acc_t(0), acc_t(1)};
 
   if (zero_star || rescale > 0) {
-    const int64_t nchunks = (N + kChunk - 1) / kChunk;
-    std::vector<float> part(B * nchunks * kStats);
+    constexpr int64_t chunk = kChunk<T>;
+    const int64_t nchunks = (N + chunk - 1) / chunk;
+    std::vector<double> part(B * nchunks * kStats);
     at::parallel_for(0, B * nchunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t b = t / nchunks, q = t % nchunks;
-        const int64_t lo = b * N + q * kChunk, hi = std::min(lo + kChunk, (b + 1) * N);
-        chunk_moments<T, acc_t, HAS_P>(c, u, p, lo, hi, part.data() + t * kStats);
+        const int64_t lo = b * N + q * chunk, hi = std::min(lo + chunk, (b + 1) * N);
+        K.moments[HAS_P](c + lo, u + lo, HAS_P ? p + lo : nullptr, hi - lo, part.data() + t * kStats);
       }
     });
     for (int64_t b = 0; b < B; ++b)
       finalize<acc_t>(part.data() + b * nchunks * kStats, nchunks, zero_star, original, rescale, coef[b]);
   }
 
+  // Pass 2 (or the only pass): out = f * (base + s1 * (c - alpha u) + s2 * (c - p)), in diffusers'
+  // operation order (kernels.inc), so that alpha = f = 1 reproduces its fp32 result bit for bit.
   for_each_sample_run(B, N, [&](int64_t b, int64_t lo, int64_t hi) {
-    combine_range<T, acc_t, HAS_P>(c, u, p, o, lo, hi, coef[b], original);
+    const double k[4] = {coef[b].alpha, coef[b].s1, coef[b].s2, coef[b].f};
+    K.combine[HAS_P](c + lo, u + lo, HAS_P ? p + lo : nullptr, o + lo, hi - lo, k, original);
   });
 }
 
