@@ -75,8 +75,10 @@ void finalize(const double* part, int64_t nchunks, bool zero_star, bool original
                       2 * (wu * wd * Mud + wu * we * Mue + wd * we * Mde);
     const acc_t Mcc = Muu + 2 * Mud + Mdd;
     // diffusers divides by std(g) unguarded and returns NaN/inf when it is 0 (issue #13425);
-    // a constant guided prediction has nothing to rescale, so it is returned unchanged.
-    if (N > 1 && Mgg > 0) {
+    // a constant guided prediction has nothing to rescale, so it is returned unchanged (Mgg <= 0 also
+    // catches a rounding-negative zero variance). A NaN variance (a NaN in the sample) is NOT guarded:
+    // it makes the whole sample NaN, as in diffusers, instead of silently skipping the rescale.
+    if (N > 1 && !(Mgg <= 0)) {
       const acc_t r = static_cast<acc_t>(rescale);
       k.f = r * std::sqrt(std::max(Mcc, acc_t(0)) / Mgg) + (1 - r);
     }
