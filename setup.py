@@ -47,9 +47,6 @@ class OptionalBuildExt(BuildExtension):
 
 
 setup(
-    name="fastguide",
-    version="0.1.0",
-    description="Fused guidance ops (CFG, PAG, CFG-Zero*, ...) for diffusion samplers",
     packages=["fastguide", "fastguide.kernels"],
     # Triton kernels live in the top-level kernels/ folder but install as fastguide.kernels.
     package_dir={"fastguide": "fastguide", "fastguide.kernels": "kernels"},
@@ -62,12 +59,4 @@ setup(
         )
     ],
     cmdclass={"build_ext": OptionalBuildExt.with_options(use_ninja=True)},
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4"],
-    extras_require={
-        "triton": ["triton"],
-        "test": ["pytest", "diffusers", "kornia", "transformers"],
-        "bench": ["pytest-benchmark", "diffusers", "rich"],
-    },
-    entry_points={"console_scripts": ["fastguide=fastguide.__main__:main"]},
 )
