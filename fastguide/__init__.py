@@ -11,6 +11,6 @@ from .pipelines import AG, LinearAG, calibrate_linear_ag, disable, enable
 from .ops import (GuidanceStats, MomentumBuffer, apg, backends, cfg, cfg_zero_star, cfgpp_ddim_step, cfgpp_euler_step,
                   guidance_stats, pag, rescale)
 
-__version__ = "0.1.0"
+from ._version import __version__
 __all__ = ["AG", "GuidanceStats", "LinearAG", "METHODS", "calibrate_linear_ag", "MomentumBuffer", "apg", "backends", "cfg", "cfg_zero_star", "cfgpp_ddim_step", "cfgpp_euler_step", "disable", "enable", "fdg", "frequency_cfg",
            "frequency_split", "guidance_stats", "pag", "rescale", "__version__"]

@@ -1,11 +1,33 @@
 """Command line: `fastguide info` (which backends are live) and `fastguide bench` (see bench.py)."""
+import argparse
 import sys
+
+from ._version import __version__
+
+EXIT_CODES = """exit codes:
+  0  success
+  1  failure: an error while running (its traceback is printed)
+  2  bad usage: an unknown command, option or name, or an optional dependency the options need is missing"""
+
+EPILOG = f"""examples:
+  fastguide info                  which backend (C++, Triton, PyTorch fallback) serves each op here
+  fastguide bench --quick         fastguide against diffusers, eager, torch.compile and the memcpy floor
+  fastguide bench --help          every benchmark option
+  python -m fastguide info        the same without the console script
+
+{EXIT_CODES}"""
+
+INFO_EPILOG = f"""examples:
+  fastguide info
+  python -m fastguide info        (the same, without the console script on PATH)
+
+{EXIT_CODES}"""
 
 
 def info():
     import torch
 
-    from . import __version__, ops
+    from . import ops
     print(f"fastguide {__version__}  (torch {torch.__version__}, CUDA available: {torch.cuda.is_available()})")
     for name, per_device in ops.backends().items():
         print(f"  {name}")
@@ -14,16 +36,35 @@ def info():
     return 0
 
 
+def build_parser():
+    from . import bench
+
+    p = argparse.ArgumentParser(prog="fastguide", description="fastguide: fused guidance ops for diffusion samplers.",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"fastguide {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="{info,bench}")
+    info_p = sub.add_parser("info", help="list the backend serving each op on each device",
+                   description="List which backend serves each op on each device: the C++ extension (CPU), Triton "
+                               "(CUDA) or the plain PyTorch fallback, with the reason when one is missing.",
+                   epilog=INFO_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench_p = bench.add_arguments(sub.add_parser("bench", help="benchmark each op against its peers and the memory floor",
+                                                 description=bench.__doc__, epilog=bench.EPILOG,
+                                                 formatter_class=argparse.RawDescriptionHelpFormatter))
+    p.subcommands = {"info": info_p, "bench": bench_p}  # run() reports usage errors with the subcommand's usage
+    return p
+
+
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    cmd = argv.pop(0) if argv else "help"
-    if cmd == "info":
+    """Entry point of the `fastguide` console script; returns the exit code (0 ok, 1 failure, 2 bad usage)."""
+    p = build_parser()
+    a = p.parse_args(sys.argv[1:] if argv is None else list(argv))
+    if a.command == "info":
         return info()
-    if cmd == "bench":
-        from .bench import main as bench_main
-        return bench_main(argv)
-    print("usage: fastguide {info,bench} [options]   (fastguide bench --help)")
-    return 0 if cmd in ("help", "-h", "--help") else 2
+    if a.command == "bench":
+        from . import bench
+        return bench.run(a, p.subcommands["bench"])
+    p.print_help(sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -16,14 +16,20 @@ Timing: warm-up, then torch.utils.benchmark blocked repetitions (CPU) or CUDA ev
 cache, so caches do not flatter any implementation.
 """
 import argparse
+import collections
 import csv
 import datetime
+import importlib
 import itertools
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
+import tempfile
+import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -264,7 +270,9 @@ def _input_sets(case, shape, dtype, device):
     return [[torch.randn(shape, device=device, dtype=dtype) for _ in range(case.n_inputs)] for _ in range(n)]
 
 
-def run_bench(case_names, shape_names, dtype_names, device, impls=IMPLS, min_run_time=0.2, progress=None):
+def run_bench(case_names, shape_names, dtype_names, device, impls=IMPLS, min_run_time=0.2, progress=None,
+              no_diffusers=()):
+    """One row per (dtype, shape, op); `no_diffusers`: ops whose diffusers peer is left out (a missing dependency)."""
     rows = []
     jobs = [(d, s, c) for d in dtype_names for s in shape_names for c in case_names]
     for dname, sname, cname in jobs:
@@ -272,7 +280,7 @@ def run_bench(case_names, shape_names, dtype_names, device, impls=IMPLS, min_run
         if not case.applies(shape):
             if progress:
                 for impl in impls:
-                    progress(f"{dname} {sname} {cname} (not defined for this shape)")
+                    progress(f"{dname} {sname} {cname}: not defined for this shape")
             continue
         sets = _input_sets(case, shape, dtype, device)
         esize = sets[0][0].element_size()
@@ -282,7 +290,7 @@ def run_bench(case_names, shape_names, dtype_names, device, impls=IMPLS, min_run
         math_fn = case.math(sets)
         fns = {
             "fastguide": lambda: case.fastguide(sets),
-            "diffusers": (lambda: case.diffusers(sets)) if case.diffusers else None,
+            "diffusers": (lambda: case.diffusers(sets)) if case.diffusers and cname not in no_diffusers else None,
             "eager": lambda: _cycled(math_fn, sets),
             "compile": lambda: _cycled(torch.compile(math_fn, dynamic=False), sets),
             "floor": lambda: _cycled(dst.copy_, [[s] for s in srcs]),
@@ -291,7 +299,7 @@ def run_bench(case_names, shape_names, dtype_names, device, impls=IMPLS, min_run
                "rotating_sets": len(sets)}
         for impl in impls:
             if progress:
-                progress(f"{dname} {sname} {cname} {impl}")
+                progress(f"{dname} {sname} {cname}: {impl}")
             if fns[impl] is None:
                 row[f"{impl}_us"] = row[f"{impl}_iqr_us"] = float("nan")
                 row[f"{impl}_launches"] = ""
@@ -392,7 +400,8 @@ def tiny_unet(device, dtype=torch.float32):
         sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
-    return unet.to(device=device, dtype=dtype).eval()
+    # .to(dtype=...) makes diffusers warn about modules to keep in float32 (there are none here).
+    return (unet.to(device) if dtype == torch.float32 else unet.to(device=device, dtype=dtype)).eval()
 
 
 def step_bench(device, latent=64, min_run_time=0.2, compile_unet=False, progress=None):
@@ -416,7 +425,7 @@ def step_bench(device, latent=64, min_run_time=0.2, compile_unet=False, progress
     rows = []
     for mode, model in models.items():
         if progress:
-            progress(f"step {mode} denoiser")
+            progress(f"step, {mode} UNet: denoiser")
         cond, uncond = denoise(model)
         den_us, _ = median_us(lambda: denoise(model), device, min_run_time)
         for name in STEP_GUIDANCE:
@@ -424,7 +433,7 @@ def step_bench(device, latent=64, min_run_time=0.2, compile_unet=False, progress
             stock = case.diffusers([[cond, uncond]])
             fast = case.fastguide([[cond, uncond]])
             if progress:
-                progress(f"step {mode} {name}")
+                progress(f"step, {mode} UNet: {name}")
             stock_us, _ = median_us(stock, device, min_run_time)
             fast_us, _ = median_us(fast, device, min_run_time)
             rows.append({"unet": mode, "guidance": name, "latent": f"{latent}x{latent}", "denoiser_ms": den_us / 1e3,
@@ -458,7 +467,11 @@ def tiny_sd_pipeline(device):
     return pipe.to(device)
 
 
-def e2e_bench(device, steps=(30, 50), size=32, progress=None):
+E2E_STEPS = (30, 50)
+E2E_POLICIES = 5  # cfg, ag(0.991), ag(0.95), interval(middle), linear_ag
+
+
+def e2e_bench(device, steps=E2E_STEPS, size=32, progress=None):
     """NFEs and wall time of a whole sampling run with CFG, Adaptive Guidance, interval guidance and LinearAG
     (calibrated on two other prompts), and how far each final result is from full CFG (relative L2 of the
     latents, PSNR of the decoded images)."""
@@ -480,7 +493,7 @@ def e2e_bench(device, steps=(30, 50), size=32, progress=None):
         ref_img = ref_lat = None
         for name, kw in policies.items():
             if progress:
-                progress(f"e2e {n} steps {name}")
+                progress(f"end to end, {n} steps: {name}")
             from .pipelines import disable, enable
             enable(pipe, guidance="cfg", **kw)
             t0 = time.perf_counter()
@@ -514,38 +527,232 @@ def format_e2e_table(rows):
     return _render(head, lines)
 
 
-def _progress(total):
+
+# --- command line ------------------------------------------------------------------------------
+EXIT_CODES = """exit codes:
+  0  success
+  1  failure: an error while running (its traceback is printed)
+  2  bad usage: an unknown option or name, or an optional dependency the options need is missing"""
+
+EPILOG = f"""examples:
+  fastguide bench                        every op, shapes {','.join(DEFAULT_SHAPES)}, then the per-step and
+                                         end-to-end sections (the README's main job)
+  fastguide bench --quick                SDXL shape only, short timing, tables only: under a minute on CPU
+  fastguide bench --ops cfg,apg --dtype fp16,bf16 --shapes sdxl,flux
+  fastguide bench --shapes all --csv bench.csv --plot bench.png
+  fastguide bench --quick -v             also show the third-party warnings and profiler log lines
+
+optional dependencies (all of them: pip install 'fastguide[bench]'):
+  matplotlib    --plot; without it, --plot stops before any work (exit 2)
+  diffusers     the diffusers column and the per-step section
+  transformers  with diffusers: the end-to-end section (a tiny StableDiffusionPipeline)
+  kornia        the diffusers column of fdg (diffusers' FrequencyDecoupledGuidance)
+  tqdm          the progress bar (without it: plain progress lines)
+  A column or section asked for by name (--impls diffusers, --step on, --e2e on, --compile-step) stops
+  the run at once when its dependency is missing (exit 2); by default it is left out with a one-line note.
+
+{EXIT_CODES}"""
+
+_INSTALL = "pip install {pkgs} (or pip install 'fastguide[bench]')"
+
+
+def _importable(name):
+    """Whether `import name` works (a broken install counts as missing)."""
     try:
-        from tqdm import tqdm
-        bar = tqdm(total=total, file=sys.stderr, unit="run", leave=False)
-
-        def step(label):
-            bar.set_description(label)
-            bar.update(1)
-        return step, bar.close
-    except ImportError:
-        return (lambda label: print(f"  ... {label}", file=sys.stderr, flush=True)), (lambda: None)
+        importlib.import_module(name)
+        return True
+    except Exception:  # noqa: BLE001 - ImportError, or whatever a broken install raises
+        return False
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="fastguide bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def check_dependencies(a, impls, ops_):
+    """Decide, before any work, what this run can do with the packages installed.
+
+    Returns (errors, notes, plan): errors are missing hard requirements (each names its install command),
+    notes are one line per dropped optional column or section, plan says what to run."""
+    errors, notes = [], []
+    want_step = a.step == "on" or a.compile_step or (a.step == "auto" and not a.quick)
+    want_e2e = a.e2e == "on" or (a.e2e == "auto" and not a.quick)
+    if a.plot and not _importable("matplotlib"):
+        errors.append("--plot needs matplotlib: " + _INSTALL.format(pkgs="matplotlib"))
+    has_diffusers = (("diffusers" in impls) or want_step or want_e2e) and _importable("diffusers")
+    if "diffusers" in impls and not has_diffusers:
+        if a.impls is not None:
+            errors.append("--impls diffusers needs diffusers: " + _INSTALL.format(pkgs="diffusers"))
+        else:
+            impls = [i for i in impls if i != "diffusers"]
+            notes.append("diffusers column left out: diffusers is not installed; " + _INSTALL.format(pkgs="diffusers"))
+    no_diffusers = []
+    if "diffusers" in impls and "fdg" in ops_ and has_diffusers and not _importable("kornia"):
+        no_diffusers.append("fdg")
+        notes.append("fdg's diffusers column left out: diffusers' FrequencyDecoupledGuidance needs kornia; "
+                     + _INSTALL.format(pkgs="kornia"))
+    if want_step and not has_diffusers:
+        what = "--compile-step" if a.compile_step else "--step on"
+        if a.step == "on" or a.compile_step:
+            errors.append(f"{what} needs diffusers (a tiny UNet2DConditionModel): " + _INSTALL.format(pkgs="diffusers"))
+        else:
+            notes.append("per-step section left out: it needs diffusers; " + _INSTALL.format(pkgs="diffusers"))
+        want_step = False
+    if want_e2e:
+        missing = [m for m, ok in (("diffusers", has_diffusers), ("transformers", _importable("transformers"))) if not ok]
+        if missing:
+            if a.e2e == "on":
+                errors.append(f"--e2e on needs {' and '.join(missing)} (a tiny StableDiffusionPipeline): "
+                              + _INSTALL.format(pkgs=" ".join(missing)))
+            else:
+                notes.append(f"end-to-end section left out: it needs {' and '.join(missing)}; "
+                             + _INSTALL.format(pkgs=" ".join(missing)))
+            want_e2e = False
+    return errors, notes, {"impls": impls, "no_diffusers": no_diffusers, "step": want_step, "e2e": want_e2e}
+
+
+def _progress(total, stream):
+    """(step(label), close): a tqdm bar on a terminal; otherwise (or without tqdm) one plain line per job, where
+    a job is the part of the label before ': '."""
+    if stream.isatty():
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            pass
+        else:
+            bar = tqdm(total=total, file=stream, unit="run", leave=False, dynamic_ncols=True)
+
+            def step(label):
+                bar.set_description(label, refresh=False)
+                bar.update(1)
+            return step, bar.close
+    state = {"n": 0, "job": None, "t0": time.perf_counter()}
+
+    def step(label):
+        state["n"] += 1
+        job = label.split(": ", 1)[0]
+        if job != state["job"]:
+            state["job"] = job
+            print(f"  [{state['n']}/{total}, {time.perf_counter() - state['t0']:.0f} s] {job}", file=stream, flush=True)
+    return step, lambda: None
+
+
+# A line of the torch profiler's C++ logger (kineto), e.g.
+# "USDT:2026-11-23 12:50:55 6299:6299 SyncActivityProfilerHandler.cpp:52] profiler_start".
+_KINETO_LINE = re.compile(r"^[A-Z]+:\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \d+:\d+ \S+\.(cpp|h):\d+\]")
+
+
+class QuietThirdParty:
+    """Hides third-party chatter while the benchmark runs and sums it up in one line.
+
+    The torch profiler (used to count kernel launches) logs profiler_start / profiler_stop lines from C++
+    straight to file descriptor 2; diffusers and transformers log warnings (experimental guiders, missing
+    torchvision); torch.compile warns. So: Python warnings are recorded (warnings.catch_warnings), and fd 2
+    is pointed at a temporary file at the OS level (os.dup2), which catches both the library loggers and the
+    C++ lines. Progress goes to a duplicate of the real stderr. On an exception, everything collected is
+    written out before the traceback. Disabled (`enabled=False`, `fastguide bench -v`): nothing is hidden.
+    """
+
+    def __init__(self, enabled=True):
+        self.enabled = enabled
+        self.stream = sys.stderr  # where progress goes
+        self.text, self.warnings = "", []
+
+    def __enter__(self):
+        if not self.enabled:
+            return self
+        self._catch = warnings.catch_warnings(record=True)
+        self.warnings = self._catch.__enter__()  # the filters in force stay: what would show is counted
+        sys.stderr.flush()
+        self._file = tempfile.TemporaryFile()
+        self._saved = os.dup(2)
+        os.dup2(self._file.fileno(), 2)
+        try:
+            on_fd2 = sys.stderr.fileno() == 2
+        except (AttributeError, OSError, ValueError):  # replaced by a non-file stream (pytest's capsys)
+            on_fd2 = False
+        if on_fd2:
+            self.stream = os.fdopen(os.dup(self._saved), "w", buffering=1, encoding="utf-8", errors="replace")
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if not self.enabled:
+            return False
+        try:
+            sys.stderr.flush()
+        except Exception:  # noqa: BLE001
+            pass
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        if self.stream is not sys.stderr:
+            self.stream.close()
+            self.stream = sys.stderr
+        self._catch.__exit__(exc_type, exc, tb)
+        self._file.seek(0)
+        self.text = self._file.read().decode("utf-8", "replace")
+        self._file.close()
+        if exc_type is not None:  # the hidden output may explain the failure
+            sys.stderr.write(self.text)
+            for w in self.warnings:
+                sys.stderr.write(warnings.formatwarning(w.message, w.category, w.filename, w.lineno))
+            sys.stderr.flush()
+        return False
+
+    def counts(self):
+        """Counter of hidden messages: the profiler's C++ log lines as one kind, others by their opening words."""
+        c = collections.Counter()
+        for line in self.text.splitlines():
+            line = line.strip()
+            if not line or line == "warnings.warn(":
+                continue
+            c["torch profiler log lines" if _KINETO_LINE.match(line) else _shorten(line)] += 1
+        for w in self.warnings:
+            c[f"{w.category.__name__}: {_shorten(str(w.message))}"] += 1
+        return c
+
+    def summary(self, command="fastguide bench -v"):
+        """One line, or None when nothing was hidden."""
+        c = self.counts()
+        if not c:
+            return None
+        parts = [f"{n}x {k}" for k, n in c.most_common(4)]
+        more = len(c) - len(parts)
+        return (f"(hid {sum(c.values())} lines of third-party output: {'; '.join(parts)}"
+                f"{f'; {more} more kinds' if more > 0 else ''}. `{command}` shows them)")
+
+
+def _shorten(text, n=48):
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[:n - 1].rstrip() + "…"
+
+
+def add_arguments(p):
+    """The options of `fastguide bench` (shared by `python -m fastguide bench` and bench.main)."""
     p.add_argument("--ops", default=",".join(CASES), help=f"comma list from {','.join(CASES)}")
     p.add_argument("--shapes", default=None, help=f"comma list from {','.join(SHAPES)}, sweep (2^14..2^26 elements), "
                    f"a sweep point like 2^20, or all (default: {','.join(DEFAULT_SHAPES)})")
     p.add_argument("--dtype", default="fp32", help="comma list from fp32,fp16,bf16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--impls", default=",".join(IMPLS), help=f"comma list from {','.join(IMPLS)}")
+    p.add_argument("--impls", default=None, help=f"comma list from {','.join(IMPLS)} (default: all; diffusers only "
+                   "where it is installed)")
     p.add_argument("--quick", action="store_true", help="SDXL shape only, short timing: under a minute on CPU")
     p.add_argument("--csv", default=None, help="also write the rows (with versions and device) to this CSV")
-    p.add_argument("--plot", default=None, help="write a PNG of achieved bandwidth vs size to this path")
+    p.add_argument("--plot", default=None, help="write a PNG of achieved bandwidth vs size to this path (needs matplotlib)")
     p.add_argument("--step", choices=("auto", "on", "off"), default="auto",
-                   help="per-denoising-step section on a tiny diffusers UNet (auto: on unless --quick)")
+                   help="per-denoising-step section on a tiny diffusers UNet (auto: on unless --quick, "
+                        "where diffusers is installed)")
     p.add_argument("--compile-step", action="store_true", help="also time the step with torch.compile(unet)")
     p.add_argument("--e2e", choices=("auto", "on", "off"), default="auto",
-                   help="end-to-end NFEs and wall time with CFG, AG and interval guidance (auto: on unless --quick)")
-    a = p.parse_args(argv)
+                   help="end-to-end NFEs and wall time with CFG, AG and interval guidance (auto: on unless --quick, "
+                        "where diffusers and transformers are installed)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show third-party warnings and the torch profiler's log lines (hidden and counted by default)")
+    return p
 
+
+def build_parser(prog="fastguide bench"):
+    return add_arguments(argparse.ArgumentParser(prog=prog, description=__doc__, epilog=EPILOG,
+                                                 formatter_class=argparse.RawDescriptionHelpFormatter))
+
+
+def run(a, p):
+    """Run `fastguide bench` with parsed arguments `a` (p: its parser, for usage errors). Returns the exit code."""
     def pick(text, known, what):
         names = [x.strip() for x in text.split(",") if x.strip()]
         bad = [x for x in names if x not in known]
@@ -557,36 +764,70 @@ def main(argv=None):
     for name in pick(a.shapes or ",".join(QUICK_SHAPES if a.quick else DEFAULT_SHAPES),
                      {**ALL_SHAPES, "sweep": None, "all": None}, "shape"):
         shapes += list(SWEEP) if name == "sweep" else list(ALL_SHAPES) if name == "all" else [name]
-    impls = pick(a.impls, IMPLS, "implementation")
+    impls = pick(a.impls or ",".join(IMPLS), IMPLS, "implementation")
     ops_ = pick(a.ops, CASES, "op")
     dtypes = pick(a.dtype, DTYPES, "dtype")
-    device = torch.device(a.device)
+    try:
+        device = torch.device(a.device)
+    except RuntimeError as exc:
+        p.error(f"bad --device {a.device!r}: {exc}")
+    errors, notes, plan = check_dependencies(a, impls, ops_)
+    if errors:  # before any work
+        for e in errors:
+            print(f"{p.prog}: error: {e}", file=sys.stderr)
+        return 2
+    impls = plan["impls"]
+
     env = environment(device)
     print("fastguide bench: " + ", ".join(f"{k} {v}" for k, v in env.items()))
     print("backends: " + ", ".join(f"{k}={v}" for k, v in ops.backends()["cfg"].items()))
-    step, done = _progress(len(ops_) * len(shapes) * len(dtypes) * len(impls))
-    try:
-        rows = run_bench(ops_, shapes, dtypes, device, impls, min_run_time=0.05 if a.quick else 0.2, progress=step)
-    finally:
-        done()
-    print(format_table(rows, impls))
-    step_rows = []
-    if a.step == "on" or (a.step == "auto" and not a.quick):
-        step_rows = step_bench(device, latent=128 if device.type == "cuda" else 32, compile_unet=a.compile_step,
-                               progress=lambda s: print(f"  ... {s}", file=sys.stderr, flush=True))
-        print("\nper denoising step (tiny SD-style UNet2DConditionModel, batch 2 = cond + uncond):")
-        print(format_step_table(step_rows))
-    e2e_rows = []
-    if a.e2e == "on" or (a.e2e == "auto" and not a.quick):
-        e2e_rows = e2e_bench(device, progress=lambda s: print(f"  ... {s}", file=sys.stderr, flush=True))
-        print("\nend to end (tiny StableDiffusionPipeline, Euler, guidance 7.5; differences against full CFG):")
-        print(format_e2e_table(e2e_rows))
-    if a.csv:
-        _write_csv(a.csv, env, rows)
-        for suffix, extra in (("_e2e", e2e_rows), ("_step", step_rows)):
-            if extra:
-                _write_csv(os.path.splitext(a.csv)[0] + suffix + ".csv", env, extra)
-    if a.plot:
-        write_plot(rows, a.plot, impls, env["device"])
-        print(f"wrote {a.plot}")
+    for note in notes:
+        print(f"note: {note}")
+    sys.stdout.flush()
+    quiet = QuietThirdParty(enabled=not a.verbose)
+    with quiet:
+        step, done = _progress(len(ops_) * len(shapes) * len(dtypes) * len(impls), quiet.stream)
+        try:
+            rows = run_bench(ops_, shapes, dtypes, device, impls, min_run_time=0.05 if a.quick else 0.2,
+                             progress=step, no_diffusers=plan["no_diffusers"])
+        finally:
+            done()
+        print(format_table(rows, impls), flush=True)
+        step_rows = []
+        if plan["step"]:
+            step, done = _progress((2 if a.compile_step else 1) * (1 + len(STEP_GUIDANCE)), quiet.stream)
+            try:
+                step_rows = step_bench(device, latent=128 if device.type == "cuda" else 32,
+                                       compile_unet=a.compile_step, progress=step)
+            finally:
+                done()
+            print("\nper denoising step (tiny SD-style UNet2DConditionModel, batch 2 = cond + uncond):")
+            print(format_step_table(step_rows), flush=True)
+        e2e_rows = []
+        if plan["e2e"]:
+            step, done = _progress(len(E2E_STEPS) * E2E_POLICIES, quiet.stream)
+            try:
+                e2e_rows = e2e_bench(device, progress=step)
+            finally:
+                done()
+            print("\nend to end (tiny StableDiffusionPipeline, Euler, guidance 7.5; differences against full CFG):")
+            print(format_e2e_table(e2e_rows), flush=True)
+        if a.csv:
+            _write_csv(a.csv, env, rows)
+            for suffix, extra in (("_e2e", e2e_rows), ("_step", step_rows)):
+                if extra:
+                    _write_csv(os.path.splitext(a.csv)[0] + suffix + ".csv", env, extra)
+        if a.plot:
+            write_plot(rows, a.plot, impls, env["device"])
+            print(f"wrote {a.plot}")
+    sys.stdout.flush()
+    summary = quiet.summary()
+    if summary:
+        print(summary, file=sys.stderr, flush=True)
     return 0
+
+
+def main(argv=None):
+    """`fastguide bench [options]`; returns the exit code (argparse's own usage errors raise SystemExit(2))."""
+    p = build_parser()
+    return run(p.parse_args(argv), p)

@@ -121,3 +121,12 @@ def test_e2e_bench_counts_network_evaluations():
     assert by["interval(middle)"]["nfe_skipped"] == 3  # sigmas of steps 2..8 lie inside: steps 0, 1, 9 skip
     assert by["linear_ag"]["nfe_skipped"] == 2  # steps 1 and 3 of the first half
     assert "PSNR" in bench.format_e2e_table(rows)
+
+
+def test_ci_smoke_tests_the_wheel_outside_the_tree():
+    """After the README's tests, .ci/run builds sdist + wheel and runs tests/smoke_wheel.py against the wheel
+    installed in a fresh environment; the smoke script is no pytest module (it needs the installed wheel)."""
+    ci = open(os.path.join(ROOT, ".ci", "run")).read()
+    assert "python -m build --no-isolation" in ci and "smoke_wheel.py" in ci
+    assert ci.index("python -m pytest -q tests") < ci.rindex("smoke_wheel.py")
+    assert os.path.isfile(os.path.join(ROOT, "tests", "smoke_wheel.py"))  # not test_*.py: pytest leaves it alone
