@@ -27,12 +27,17 @@ INFO_EPILOG = f"""examples:
 def info():
     import torch
 
-    from . import ops
+    from . import _isa, methods, ops
     print(f"fastguide {__version__}  (torch {torch.__version__}, CUDA available: {torch.cuda.is_available()})")
+    print(f"  CPU ISA: {_isa.describe()}")
+    print("ops:")
     for name, per_device in ops.backends().items():
         print(f"  {name}")
         for device, backend in per_device.items():
             print(f"    {device:<6} {backend}")
+    print("guidance methods (fastguide.METHODS; enable(pipe, guidance=NAME)):")
+    for name, m in methods.METHODS.items():
+        print(f"  {name:<14} {m.summary}  [equals: {m.peer}]")
     return 0
 
 

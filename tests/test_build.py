@@ -34,6 +34,10 @@ def test_info_lists_every_op_and_backend():
     for name in ops.OPS:
         assert re.search(rf"^  {name}$", out, re.M)
     assert "C++ (fastguide._C)" in out and "Triton" in out
+    from fastguide import _C, METHODS
+    assert re.search(rf"^  CPU ISA: {_C.get_cpu_isa()} ", out, re.M)
+    for name in METHODS:  # every registered guidance method, with its peer
+        assert re.search(rf"^  {name} +.*\[equals: ", out, re.M)
 
 
 FALLBACK_SCRIPT = r"""
