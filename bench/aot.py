@@ -46,6 +46,21 @@ FREQ_PLANES = {
     "496x16": (1, 4, 496, 16), "16x496": (1, 4, 16, 496), "2x510": (1, 4, 2, 510), "255x257": (1, 2, 255, 257),
     "2d-2x300": (2, 300),
 }
+
+
+def plane_classes(dtype):
+    """One (H, W) per distinct frequency-kernel specialisation on the matrix route (H, W >= 2, H + W <= 512):
+    the tiles (BM, BN), whether H and W are multiples of 16 (Triton specialises on it) and whether the
+    plane has a single column tile (an int argument equal to 1 becomes a constant)."""
+    from fastguide.kernels import frequency as f
+    seen = {}
+    for H in range(2, 511):
+        for W in range(2, 513 - H):
+            bm, bn, *_ = f._tiles(H, W, dtype)
+            seen.setdefault((bm, bn, H % 16 == 0, W % 16 == 0, -(-W // bn) == 1), (H, W))
+    return sorted(seen.values())
+
+
 # Shape-only grid checks: sizes where a [B, cdiv(N, 2048)] grid would pass CUDA's 65535 cap on axis y.
 HUGE = {"video-256": (1, 16, 128, 256, 256), "img-8192": (1, 3, 8192, 8192), "2^31+": (2, 3, 2**15, 2**15 + 16)}
 
@@ -122,6 +137,8 @@ def cases(subset):
     else:
         freq = [(p, FREQ_PLANES[p], dt, (2,)) for p in ("256x256", "60x104") for dt in (torch.float32, torch.float64)]
         freq += [(p, FREQ_PLANES[p], torch.float32, (2,)) for p in ("16x496", "496x16", "2d-2x300")]
+    if full:  # and one plane of every other specialisation the matrix route can produce
+        freq += [(f"sweep {H}x{W}", (2, 3, H, W), dt, (1, 2)) for dt in ALL_DTYPES for H, W in plane_classes(dt)]
     for plane, shape, dt, nterms in freq:
         for name, plans in frequency_cases(shape, dt, nterms):
             if full or name.startswith("frequency_cfg"):
@@ -177,7 +194,7 @@ def _compile(job):
     text = log.getvalue()
     regs = re.search(r"Used (\d+) registers", text)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
-    vec = [int(v) * int(b) for v, b in re.findall(r"(?:ld|st)\.global(?:\.[a-z]+)*\.v(\d)\.[bfu](\d+)", ck.asm["ptx"])]
+    vec = [int(v) * int(b) for v, b in re.findall(r"(?:ld|st)\.global[\w.:]*?\.v(\d)\.[bfu](\d+)", ck.asm["ptx"])]
     return {"regs": int(regs.group(1)) if regs else -1,
             "spills": int(spills.group(1)) + int(spills.group(2)) if spills else -1,
             "shared": ck.metadata.shared, "vec_bits": max(vec, default=0)}
@@ -190,6 +207,7 @@ def main(argv=None):
     g.add_argument("--full", action="store_const", const="full", dest="subset")
     ap.add_argument("--arch", default="80,90", help="compute capabilities, comma-separated")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--match", default="", help="only the cases whose name matches this regular expression")
     args = ap.parse_args(argv)
     archs = [int(a) for a in args.arch.split(",")]
     t0 = time.time()
@@ -210,6 +228,8 @@ def main(argv=None):
 
     jobs, rows = {}, []
     for case, shape, dt, plans in cases(args.subset):
+        if not re.search(args.match, f"{case} {DT[dt]}"):
+            continue
         for p in plans:
             for arch in archs:
                 sig, const, attrs, opts = specialisation(p, arch)

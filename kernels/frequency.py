@@ -94,11 +94,14 @@ def _tiles(H, W, dtype):
     the register count as much as the [BM, BN] accumulator: BK = 16. fp32: BM = 32, BN = 64 (152-206
     registers at 4 warps on sm_80 / sm_90, no spills; BN = 128 or BK = 32 reach the 255 cap and spill).
     fp64 (two registers per element): BM = 16, BN = 64. Small planes shrink the tile to the plane (>= 16,
-    tl.dot's minimum). num_stages = 2: the next tile pair loads while the FMAs run, ~10 KiB of shared memory.
+    tl.dot's minimum). num_stages = 2: <= 12 KiB of shared memory; with 1 or 3, ptxas spilled 8-28 bytes
+    on some planes of bench/aot.py's sweep (it settles on 80 / 128 / 168 registers and spills the rest).
     """
     bm = min(16 if dtype == torch.float64 else 32, max(16, triton.next_power_of_2(H)))
-    bn = min(64, max(16, triton.next_power_of_2(W)))
-    return bm, bn, 16, 4, 2
+    # fp32 planes of <= 16 rows wider than 64: BN = 32 (ptxas capped the [16, 64] tile at 128 registers and
+    # spilled on sm_90); the first matmul they recompute per column tile is only H x H x W.
+    bn = 32 if bm == 16 and W > 64 and dtype != torch.float64 else 64
+    return bm, min(bn, max(16, triton.next_power_of_2(W))), 16, 4, 2
 
 
 def _plan(x, y, ah, aw, out, lt, lv, ht, hv, original, split, tiles=None):
