@@ -90,18 +90,21 @@ def _freq_kernel(c_ptr, u_ptr, ah_ptr, aw_ptr, out_ptr, sl_ptr, sl: tl.float64, 
 def _tiles(H, W, dtype):
     """(BM, BN, BK, num_warps, num_stages) for an H x W plane (H + W <= 512 on the matrix route).
 
+    Chosen with bench/aot.py (sm_80 / sm_90, no spills on its planes and its sweep of specialisations).
     The IEEE (FMA) tl.dot keeps each thread's whole slice of both operands in registers, so BK drives
-    the register count as much as the [BM, BN] accumulator: BK = 16. fp32: BM = 32, BN = 64 (152-206
-    registers at 4 warps on sm_80 / sm_90, no spills; BN = 128 or BK = 32 reach the 255 cap and spill).
-    fp64 (two registers per element): BM = 16, BN = 64. Small planes shrink the tile to the plane (>= 16,
-    tl.dot's minimum). num_stages = 2: <= 12 KiB of shared memory; with 1 or 3, ptxas spilled 8-28 bytes
-    on some planes of bench/aot.py's sweep (it settles on 80 / 128 / 168 registers and spills the rest).
+    the register count as much as the [BM, BN] accumulator: BK = 16 (BK = 32 or BN = 128 reach the 255
+    cap and spill). fp32 / fp16 / bf16: BM = 32, BN = 64, 150-210 registers at 4 warps. fp64 (two
+    registers per element): BM = 16, BN = 64. Small planes shrink the tile to the plane (>= 16, tl.dot's
+    minimum). num_stages = 2: <= 12 KiB of shared memory (1 or 3 made ptxas spill on other planes).
     """
     bm = min(16 if dtype == torch.float64 else 32, max(16, triton.next_power_of_2(H)))
-    # fp32 planes of <= 16 rows wider than 64: BN = 32 (ptxas capped the [16, 64] tile at 128 registers and
+    # <= 16-row fp32 planes wider than 64: BN = 32 (ptxas capped the [16, 64] tile at 128 registers and
     # spilled on sm_90); the first matmul they recompute per column tile is only H x H x W.
     bn = 32 if bm == 16 and W > 64 and dtype != torch.float64 else 64
-    return bm, min(bn, max(16, triton.next_power_of_2(W))), 16, 4, 2
+    # Planes of <= 32 rows (one row tile), fp32 / fp16 / bf16: 2 warps. At 4 warps ptxas settled on an
+    # occupancy tier (80 / 96 / 128 / 168 registers) and spilled 8-68 bytes on several of them.
+    warps = 2 if H <= 32 and dtype != torch.float64 else 4
+    return bm, min(bn, max(16, triton.next_power_of_2(W))), 16, warps, 2
 
 
 def _plan(x, y, ah, aw, out, lt, lv, ht, hv, original, split, tiles=None):
