@@ -95,16 +95,15 @@ def _tiles(H, W, dtype):
     the register count as much as the [BM, BN] accumulator: BK = 16 (BK = 32 or BN = 128 reach the 255
     cap and spill). fp32 / fp16 / bf16: BM = 32, BN = 64, 150-210 registers at 4 warps. fp64 (two
     registers per element): BM = 16, BN = 64. Small planes shrink the tile to the plane (>= 16, tl.dot's
-    minimum). num_stages = 2: <= 12 KiB of shared memory (1 or 3 made ptxas spill on other planes).
+    minimum). 4 warps, num_stages = 2: <= 12 KiB of shared memory. Known gap: on a few planes with a side
+    < 64, ptxas settles on an occupancy tier (80 / 96 / 128 / 168 registers) and spills 8-68 bytes
+    (bench/NOTES.md); 2 warps, or num_stages 1 or 3, spill on more planes.
     """
     bm = min(16 if dtype == torch.float64 else 32, max(16, triton.next_power_of_2(H)))
     # <= 16-row fp32 planes wider than 64: BN = 32 (ptxas capped the [16, 64] tile at 128 registers and
     # spilled on sm_90); the first matmul they recompute per column tile is only H x H x W.
     bn = 32 if bm == 16 and W > 64 and dtype != torch.float64 else 64
-    # Planes of <= 32 rows (one row tile), fp32 / fp16 / bf16: 2 warps. At 4 warps ptxas settled on an
-    # occupancy tier (80 / 96 / 128 / 168 registers) and spilled 8-68 bytes on several of them.
-    warps = 2 if H <= 32 and dtype != torch.float64 else 4
-    return bm, min(bn, max(16, triton.next_power_of_2(W))), 16, warps, 2
+    return bm, min(bn, max(16, triton.next_power_of_2(W))), 16, 4, 2
 
 
 def _plan(x, y, ah, aw, out, lt, lv, ht, hv, original, split, tiles=None):
