@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One command on a CUDA machine with torch and triton installed: builds fastguide, runs the GPU test
-# suite and the full benchmark, and leaves the log, CSV and PNG in one folder.
+# One command on a CUDA machine with torch and triton installed: builds fastguide, runs the full AOT
+# compile check (bench/aot.py --full), the GPU test suite and the full benchmark, and leaves the log,
+# CSV and PNG in one folder.
 #
 #   bash bench/gpu.sh [OUT_DIR]          # default: bench/results/<gpu>-<date>
 #
@@ -21,6 +22,8 @@ log="$out/log.txt"
   fi
   pip install -q --no-build-isolation -e . 2>&1 | tail -2
   python -m fastguide info
+  echo "== AOT compile check, full set (sm_80 / sm_90: registers, spills, shared memory, grids)"
+  python bench/aot.py --full
   echo "== tests (CUDA: Triton kernels compiled for the GPU, torch.compile on CUDA)"
   python -m pytest -q tests 2>&1 | tail -15
   echo "== bench"
