@@ -18,8 +18,9 @@ log="$out/log.txt"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 || true
   python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
   if [ -n "${WHEELS:-}" ]; then
-    pip install -q --no-index --find-links "$WHEELS" diffusers kornia matplotlib 2>&1 | tail -2
+    pip install -q --no-index --find-links "$WHEELS" diffusers transformers kornia matplotlib 2>&1 | tail -2
   fi
+  pip install -q 'setuptools>=77' ${WHEELS:+--no-index --find-links "$WHEELS"} 2>&1 | tail -2  # PEP 639 license metadata
   pip install -q --no-build-isolation -e . 2>&1 | tail -2
   python -m fastguide info
   echo "== AOT compile check, full set (sm_80 / sm_90: registers, spills, shared memory, grids)"

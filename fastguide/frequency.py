@@ -12,8 +12,8 @@ with small real matrices built once in float64 and cached per (method, size, par
               output is (P_i - P_{i+1}) applied at full size, and FDG's per-level CFG is
               out = base + s_0 d + sum_{i>=1} (s_i - s_{i-1}) P_i d; two levels = one term, P_1.
 The guided result `uncond + scale_low * low(d) + scale_high * (d - low(d))`, d = cond - uncond, is the
-op `fastguide::frequency_cfg` (CPU: ATen matmul + a fused combine; CUDA: one Triton kernel per row
-block of a plane doing both matmuls in IEEE fp32 — no TF32 — and the combine).
+op `fastguide::frequency_cfg` (CPU: ATen matmul + a fused combine; CUDA: one Triton kernel per (plane,
+BM x BN output tile) doing both matmuls in IEEE fp32 — no TF32 — and the combine, see kernels/frequency.py).
 """
 import math
 import numbers

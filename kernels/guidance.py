@@ -133,8 +133,9 @@ def _finalize(part_ptr, coef_ptr, s1_ptr, s1: tl.float64, s1_stride, s2_ptr, s2:
         we = t2
         Mgg = wu * wu * Muu + wd * wd * Mdd + we * we * Mee + 2.0 * (wu * wd * Mud + wu * we * Mue + wd * we * Mde)
         Mcc = tl.maximum(Muu + 2.0 * Mud + Mdd, 0.0)
-        ok = (N > 1.0) & (Mgg > 0.0)
-        # A constant guided prediction (std 0) is returned unchanged; diffusers gives NaN (#13425).
+        # A constant guided prediction (std 0) is returned unchanged; diffusers gives NaN (#13425). A NaN
+        # variance (a NaN in the sample) is not guarded: the whole sample turns NaN, as in diffusers.
+        ok = (N > 1.0) & ((Mgg > 0.0) | (Mgg != Mgg))
         f = tl.where(ok, r * tl.sqrt(Mcc / tl.where(ok, Mgg, 1.0)) + (1.0 - r), 1.0)
     tl.store(coef_ptr + b * 2 + 0, alpha)
     tl.store(coef_ptr + b * 2 + 1, f)
