@@ -90,19 +90,22 @@ def _freq_kernel(c_ptr, u_ptr, ah_ptr, aw_ptr, out_ptr, sl_ptr, sl: tl.float64, 
 def _tiles(H, W, dtype):
     """(BM, BN, BK, num_warps, num_stages) for an H x W plane (H + W <= 512 on the matrix route).
 
-    Chosen with bench/aot.py (sm_80 / sm_90, no spills on its planes and its sweep of specialisations).
+    Chosen with bench/aot.py (sm_80 / sm_90: no spills on its named planes, see the gap below).
     The IEEE (FMA) tl.dot keeps each thread's whole slice of both operands in registers, so BK drives
     the register count as much as the [BM, BN] accumulator: BK = 16 (BK = 32 or BN = 128 reach the 255
     cap and spill). fp32 / fp16 / bf16: BM = 32, BN = 64, 150-210 registers at 4 warps. fp64 (two
     registers per element): BM = 16, BN = 64. Small planes shrink the tile to the plane (>= 16, tl.dot's
-    minimum). 4 warps, num_stages = 2: <= 12 KiB of shared memory. Known gap: on a few planes with a side
-    < 64, ptxas settles on an occupancy tier (80 / 96 / 128 / 168 registers) and spills 8-68 bytes
-    (bench/NOTES.md); 2 warps, or num_stages 1 or 3, spill on more planes.
+    minimum). Planes with a side < 64 take a [16, 32] tile: with the larger tile ptxas settled on an
+    occupancy tier (80 / 96 / 128 / 168 registers) and spilled 8-68 bytes on 11 sweep planes; with it, 3
+    sweep specialisations still spill 8 bytes (bench/NOTES.md). 4 warps, num_stages = 2: <= 12 KiB of
+    shared memory; 8 warps, 2 warps, or num_stages 1 or 3 spill on more planes.
     """
     bm = min(16 if dtype == torch.float64 else 32, max(16, triton.next_power_of_2(H)))
     # <= 16-row fp32 planes wider than 64: BN = 32 (ptxas capped the [16, 64] tile at 128 registers and
     # spilled on sm_90); the first matmul they recompute per column tile is only H x H x W.
     bn = 32 if bm == 16 and W > 64 and dtype != torch.float64 else 64
+    if min(H, W) < 64:  # small planes: a [16, 32] tile (the sweep's spills, see above)
+        bm, bn = 16, 32
     return bm, min(bn, max(16, triton.next_power_of_2(W))), 16, 4, 2
 
 
