@@ -148,7 +148,7 @@ def _scale(op, name, value, cond):
         # would recompile. As a 0-d tensor it is a graph input instead (dynamo makes a changing float
         # symbolic after its first recompile; the multiply keeps it symbolic). Not checked for
         # finiteness here, like any tensor scale.
-        return torch.ones((), dtype=_acc_dtype(cond), device=cond.device) * value, 0.0
+        return torch.ones((), dtype=_eager._acc(cond), device=cond.device) * value, 0.0
     if type(value) is float and math.isfinite(value):  # hot path: no ABC isinstance
         return None, value
     if isinstance(value, torch.Tensor):
@@ -166,10 +166,6 @@ def _scale(op, name, value, cond):
     if not math.isfinite(value):
         raise ValueError(f"fastguide.{op}: {name} must be finite, got {value}")
     return None, value
-
-
-def _acc_dtype(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _rescale(op, rescale):
