@@ -46,6 +46,12 @@ class Method:
     def stateless(self):
         return self.new_state is None
 
+    @property
+    def can_skip_uncond(self):
+        """Whether Adaptive Guidance, intervals and LinearAG may drop rows per sample: no state across
+        steps and only the cond / uncond branches."""
+        return self.stateless and self.branches == ("cond", "uncond")
+
     def check_params(self, given, where):
         """{name: value} with defaults filled in; unknown names raise, listing the known ones."""
         unknown = sorted(set(given) - set(self.params))

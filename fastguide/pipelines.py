@@ -124,9 +124,8 @@ class _Guidance:
         if linear_ag is not None and (adaptive is not None or interval is not None):
             raise ValueError("fastguide.enable: linear_ag cannot be combined with adaptive or interval")
         if ((adaptive is not None or interval is not None or linear_ag is not None)
-                and not (self.method.stateless and self.method.branches == ("cond", "uncond"))):
-            usable = sorted(m.name for m in methods.METHODS.values()
-                            if m.stateless and m.branches == ("cond", "uncond"))
+                and not self.method.can_skip_uncond):
+            usable = sorted(m.name for m in methods.METHODS.values() if m.can_skip_uncond)
             raise ValueError(f"fastguide.enable: adaptive/interval/linear_ag skip rows per sample; guidance={guidance!r} "
                              f"(state across steps or extra branches) is not supported with them yet; use one of {usable}")
         self.linear_ag = linear_ag
