@@ -2,42 +2,317 @@
 
 Each class subclasses diffusers' own guider: same constructor, same config (so `save_pretrained` /
 `from_pretrained` round-trip), same step logic (start/stop windows, zero-init steps, momentum reset at
-step 0, enabled flags) inherited unchanged. Only `forward` is replaced; the math goes through
-`fastguide.cfg / pag / cfg_zero_star / apg / fdg`.
+step 0, enabled flags) inherited unchanged. The math goes through `fastguide.cfg / pag / cfg_zero_star /
+apg / fdg`.
 
     from fastguide.diffusers import ClassifierFreeGuidance     # instead of diffusers.guiders
     guider = fastguide.diffusers.guider_from(pipe.guider)      # convert an existing one
+
+Skipping the unconditional pass (the names `fastguide.enable` uses), on the guiders that combine exactly
+cond / uncond with no state across steps (CFG, CFG-Zero*, FDG, APG without momentum; `SKIPPING` lists them):
+
+    guider = ClassifierFreeGuidance(guidance_scale=5.0, adaptive=fastguide.AG(0.991))
+    guider = ClassifierFreeGuidance(guidance_scale=5.0, interval=(0.28, 5.42), scheduler=pipe.scheduler)
+    guider = ClassifierFreeGuidance(guidance_scale=5.0, linear_ag=fastguide.calibrate_linear_ag(...))
+
+The guider asks the pipeline for the batches it needs through the guider protocol itself (`num_conditions`,
+`prepare_inputs`), so every modular pipeline skips the unconditional network pass with no pipeline code:
+* when no sample needs it (outside the interval, every sample switched by AG, a LinearAG step), the step has
+  one condition and `prepare_inputs` returns the conditional batch only;
+* when only some samples still need it (AG switched the others), the unconditional batch is sliced to those
+  rows: every tensor of its BlockState batched like the samples, and -- through `prepare_models`, which
+  pipelines call with the denoiser before each batch -- every input of the denoiser call batched like the
+  samples (the latents and timesteps that pipelines pass from their own state). The guided rows are combined
+  and the others return their conditional prediction.
+A decision taken in `forward` (AG) takes effect from the next step. `guider.report` (a
+`fastguide.pipelines.Report`, new at step 0) counts the evaluations. The policy is part of the config:
+it survives `save_pretrained` / `from_pretrained`, alone or in a pipeline.
 
 Differences from diffusers, all documented in tests/test_diffusers_guiders.py: guidance rescale of a
 prediction with zero std returns it unrescaled instead of NaN (diffusers issue #13425) -- this includes
 CFG-Zero*'s zero-init steps with rescale > 0, where diffusers returns NaN and fastguide zeros; APG's
 projection runs in fp32 (diffusers: float64), within fp32 rounding.
 """
+import inspect
+
 import torch
 from diffusers import guiders as _dg
-from diffusers.guiders.guider_utils import GuiderOutput
+# Re-exported on purpose: a pipeline's model_index.json names a component's library by its module
+# ("fastguide.diffusers"), and diffusers' loader decides how to load the class by looking the names of
+# LOADABLE_CLASSES (BaseGuidance among them) up in that module. Without this name, from_pretrained of a
+# pipeline holding a fastguide guider fails with "does not seem to have any of the loading methods".
+from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput
 
 from . import frequency, ops
+from .pipelines import AG, LinearAG
+from .skip import NoiseSchedule, SkipPolicy, check_policy
 
-__all__ = ["AdaptiveProjectedGuidance", "ClassifierFreeGuidance", "ClassifierFreeZeroStarGuidance",
+__all__ = ["AdaptiveProjectedGuidance", "BaseGuidance", "ClassifierFreeGuidance", "ClassifierFreeZeroStarGuidance",
            "FrequencyDecoupledGuidance", "PerturbedAttentionGuidance", "SkipLayerGuidance", "guider_from",
-           "GUIDERS"]
+           "GUIDERS", "SKIPPING"]
+
+POLICY_ARGS = ("adaptive", "interval", "linear_ag", "scheduler")
 
 
-class ClassifierFreeGuidance(_dg.ClassifierFreeGuidance):
-    __doc__ = "fastguide-backed " + (_dg.ClassifierFreeGuidance.__doc__ or "")
+# --- the policy arguments: construction, validation, config ------------------------------------------
+def _encode(adaptive, interval, linear_ag, schedule):
+    """The policy as JSON-able config entries (only those that are set, so a guider without a policy has
+    exactly its diffusers twin's config)."""
+    out = {}
+    if adaptive is not None:
+        out["adaptive"] = {"threshold": float(adaptive.threshold)}
+    if interval is not None:
+        out["interval"] = list(interval)
+    if linear_ag is not None:
+        out["linear_ag"] = {"num_inference_steps": linear_ag.num_inference_steps,
+                            "coefficients": [[s, *map(float, c)] for s, c in sorted(linear_ag.coefficients.items())]}
+    if schedule is not None:
+        out["scheduler"] = schedule.to_json()
+    return out
+
+
+def _decode(name, value, where):
+    """A config entry back into the constructor's argument. Live objects pass through unchanged (so
+    `guider.new(adaptive=AG(...))` works); a malformed entry raises naming it."""
+    try:
+        if name == "adaptive" and isinstance(value, dict):
+            return AG(**value)
+        if name == "interval" and isinstance(value, list):
+            return tuple(value)
+        if name == "linear_ag" and isinstance(value, dict):
+            return LinearAG({int(s): tuple(c) for s, *c in value["coefficients"]}, int(value["num_inference_steps"]))
+        if name == "scheduler" and isinstance(value, dict):
+            return NoiseSchedule.from_json(value, where)
+    except (TypeError, KeyError, ValueError) as e:
+        raise ValueError(f"{where}: cannot read config entry {name!r} = {value!r}: {e}") from e
+    return value
+
+
+class _PolicyArgs:
+    """Every fastguide guider accepts adaptive= / interval= / linear_ag= / scheduler=; those that cannot skip
+    rows (`_cannot_skip` gives the reason) raise at construction, listing the guiders that can."""
+
+    _skip = None  # the SkipPolicy, None without a policy (also on guider_from twins)
+
+    def _cannot_skip(self):
+        return None
+
+    def _configure(self, adaptive, interval, linear_ag, scheduler):
+        """Validate and install a policy. Raises before touching the guider."""
+        where = f"fastguide.diffusers.{type(self).__name__}"
+        adaptive, interval, linear_ag = check_policy(where, adaptive, interval, linear_ag)
+        if isinstance(scheduler, NoiseSchedule):
+            schedule = scheduler
+        elif scheduler is not None:
+            schedule = NoiseSchedule(scheduler, where)
+        else:
+            schedule = None
+        if interval is not None and schedule is None:
+            raise ValueError(f"{where}: interval=(sigma_lo, sigma_hi) is in sigma and the guider only sees timesteps; "
+                             f"pass scheduler=pipe.scheduler so it can map each step's timestep to its sigma")
+        policy = any(v is not None for v in (adaptive, interval, linear_ag))
+        reason = self._cannot_skip()
+        if policy and reason is not None:
+            raise ValueError(f"{where}: adaptive / interval / linear_ag skip the unconditional pass per sample, "
+                             f"which this guider cannot do ({reason}); guiders that can: {sorted(SKIPPING)}")
+        self._skip = SkipPolicy(adaptive, interval, linear_ag, schedule) if policy else None
+        self._rows_hook = None
+        entries = _encode(adaptive, interval, linear_ag, schedule)
+        if entries:
+            self.register_to_config(**entries)
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        init, unused, hidden = super().extract_init_dict(config_dict, **kwargs)
+        where = f"fastguide.diffusers.{cls.__name__}.from_config"
+        for name in POLICY_ARGS:
+            if name in init:
+                init[name] = _decode(name, init[name], where)
+        return init, unused, hidden
+
+    @property
+    def report(self):
+        """What guidance cost in the current / last trajectory (a fastguide.pipelines.Report; None without
+        a policy): steps, denoiser rows evaluated, unconditional rows skipped, AG's switch step per sample."""
+        return self._skip.report if self._skip is not None else None
+
+
+def _policy_init(base):
+    """An __init__ for the twin of `base`: base's parameters plus the policy ones (keyword-only).
+
+    The signature is published (`__signature__`) because diffusers' ConfigMixin reads the constructor's
+    parameters to decide which config entries `from_config` passes back. Base's own (decorated) __init__
+    registers its config as in diffusers; the policy is registered after it, in its JSON form."""
+    base_init = base.__init__
+    sig = inspect.signature(base_init)
+
+    def __init__(self, *args, adaptive=None, interval=None, linear_ag=None, scheduler=None, **kwargs):
+        # Type/shape errors of the policy first, before diffusers' constructor runs.
+        check_policy(f"fastguide.diffusers.{type(self).__name__}", adaptive, interval, linear_ag)
+        base_init(self, *args, **kwargs)
+        self._configure(adaptive, interval, linear_ag, scheduler)
+
+    extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in POLICY_ARGS]
+    __init__.__signature__ = sig.replace(parameters=[*sig.parameters.values(), *extra])
+    __init__.__doc__ = base_init.__doc__
+    return __init__
+
+
+def _batched_rows(value, batch, idx):
+    """value with every tensor batched like the samples (dim 0 == batch) reduced to rows idx, inside dicts,
+    lists and tuples too (SDXL's added_cond_kwargs)."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() > 0 and value.shape[0] == batch:
+            return value.index_select(0, idx.to(value.device))
+        return value
+    if isinstance(value, dict):
+        return {k: _batched_rows(v, batch, idx) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in value):
+        return type(value)(_batched_rows(v, batch, idx) for v in value)
+    return value
+
+
+class _Skipping(_PolicyArgs):
+    """The guider side of the skipping policy (see the module docstring). Subclasses provide `_guide(cond,
+    uncond)` (the combine, any number of rows) and may override `_unguided` / `_ag_observes`."""
+
+    def _unguided(self, pred_cond):
+        """The prediction of a sample whose unconditional branch was skipped."""
+        return pred_cond
+
+    def _ag_observes(self):
+        """Whether this step's guided prediction is a guidance of cond that AG's cosine can judge."""
+        return True
+
+    # -- protocol ----------------------------------------------------------------------------------
+    def set_state(self, step, num_inference_steps, timestep):
+        if self._skip is not None:
+            where = f"fastguide.diffusers.{type(self).__name__}"
+            reason = self._cannot_skip()  # e.g. APG's momentum set after construction
+            if reason is not None:
+                raise ValueError(f"{where}: adaptive / interval / linear_ag cannot run: {reason}")
+            self._skip.start_step(step, num_inference_steps, timestep, where)
+        super().set_state(step, num_inference_steps, timestep)
+
+    @property
+    def num_conditions(self):
+        n = super().num_conditions
+        # The policy counts only inside a step (set_state .. guider call): before the loop pipelines read
+        # num_conditions to decide whether to encode negative prompts, and a new trajectory may need them.
+        if n == 2 and self._skip is not None and self._skip.in_step and self._skip.rows == []:
+            return 1
+        return n
+
+    def _partial(self):
+        """The guided rows as an index tensor when only some samples' unconditional pass runs, else None."""
+        skip = self._skip
+        if skip is None or not skip.in_step or not skip.rows or super().num_conditions != 2:
+            return None
+        return torch.tensor(skip.rows, dtype=torch.long)
+
+    def _slice_uncond(self, batches):
+        idx = self._partial()
+        if idx is None or len(batches) < 2:
+            return batches
+        from diffusers.modular_pipelines.modular_pipeline import BlockState
+        batch, uncond = len(self._skip.done), batches[1]
+        batches[1] = BlockState(**{k: _batched_rows(v, batch, idx) for k, v in uncond.as_dict().items()})
+        return batches
+
+    def prepare_inputs(self, data):
+        return self._slice_uncond(super().prepare_inputs(data))
+
+    def prepare_inputs_from_block_state(self, data, input_fields):
+        return self._slice_uncond(super().prepare_inputs_from_block_state(data, input_fields))
+
+    def prepare_models(self, denoiser):
+        super().prepare_models(denoiser)
+        idx = self._partial()
+        if idx is not None and not self.is_conditional and isinstance(denoiser, torch.nn.Module):
+            # The unconditional batch of a partly switched step: the pipeline passes its own inputs (latents,
+            # timesteps) at full batch, so the denoiser call gets them reduced to the guided rows here.
+            batch = len(self._skip.done)
+
+            def rows_only(module, args, kwargs):
+                return _batched_rows(args, batch, idx), _batched_rows(kwargs, batch, idx)
+
+            self._remove_hook()
+            self._rows_hook = denoiser.register_forward_pre_hook(rows_only, with_kwargs=True)
+
+    def cleanup_models(self, denoiser):
+        self._remove_hook()
+        super().cleanup_models(denoiser)
+
+    def _remove_hook(self):
+        if getattr(self, "_rows_hook", None) is not None:
+            self._rows_hook.remove()
+            self._rows_hook = None
 
     def forward(self, pred_cond, pred_uncond=None):
-        if not self._is_cfg_enabled():
-            pred = pred_cond  # diffusers' rescale of pred_cond against itself is the identity
+        skip = self._skip
+        if skip is None or not skip.in_step:
+            return GuiderOutput(pred=self._guide(pred_cond, pred_uncond), pred_cond=pred_cond, pred_uncond=pred_uncond)
+        where = f"fastguide.diffusers.{type(self).__name__}"
+        batch = pred_cond.shape[0]
+        skip.check_batch(batch, where)
+        rows = skip.rows
+        guided_step = super().num_conditions == 2  # the base guider guides this step (windows, scale != 1)
+        expected = 0 if not guided_step or rows == [] else (batch if rows is None else len(rows))
+        got = 0 if pred_uncond is None else pred_uncond.shape[0]
+        if got != expected:  # checked before any state changes
+            raise ValueError(f"{where}: step {skip.step} expects an unconditional prediction of {expected} rows, "
+                             f"got {got}")
+        report = skip.report
+        report.nfe += batch + got
+        if not guided_step:
+            pred = self._guide(pred_cond, None)
+            skip.history = None
+        elif rows == [] and skip.linear_ag is not None:  # a LinearAG step: uncond predicted
+            a, b, c = skip.linear_ag.coefficients[skip.step]
+            cond_prev, uncond_prev = skip.history
+            uncond = a * pred_cond + b * cond_prev + c * uncond_prev
+            pred = self._guide(pred_cond, uncond)
+            skip.history = (pred_cond, uncond)
+            report.nfe_skipped += batch
+        elif rows == []:  # outside the interval, or every sample switched
+            pred = self._unguided(pred_cond)
+            report.nfe_skipped += batch
         else:
-            pred = ops.cfg(pred_cond, pred_uncond, float(self.guidance_scale), rescale=float(self.guidance_rescale),
-                           original=self.use_original_formulation)
+            skip.size(batch)
+            if rows is None:
+                cond_rows, idx = pred_cond, None
+                pred = guided = self._guide(pred_cond, pred_uncond)
+            else:
+                idx = torch.tensor(rows, device=pred_cond.device)
+                cond_rows = pred_cond.index_select(0, idx)
+                guided = self._guide(cond_rows, pred_uncond)
+                pred = self._unguided(pred_cond).clone().index_copy_(0, idx, guided)
+                report.nfe_skipped += batch - len(rows)
+            if skip.adaptive is not None and self._ag_observes():
+                cos = ops.guidance_stats(cond_rows, guided, guided).cos_cond_guided.tolist()  # the policy's sync
+                skip.observe(range(batch) if rows is None else rows, cos)
+            skip.history = (pred_cond, pred_uncond) if skip.linear_ag is not None else None
+        skip.in_step = False
         return GuiderOutput(pred=pred, pred_cond=pred_cond, pred_uncond=pred_uncond)
 
 
-class _SkipLayerForward:
+# --- the guiders ------------------------------------------------------------------------------------
+class ClassifierFreeGuidance(_Skipping, _dg.ClassifierFreeGuidance):
+    __doc__ = "fastguide-backed " + (_dg.ClassifierFreeGuidance.__doc__ or "")
+    __init__ = _policy_init(_dg.ClassifierFreeGuidance)
+
+    def _guide(self, pred_cond, pred_uncond):
+        if not self._is_cfg_enabled():
+            return pred_cond  # diffusers' rescale of pred_cond against itself is the identity
+        return ops.cfg(pred_cond, pred_uncond, float(self.guidance_scale), rescale=float(self.guidance_rescale),
+                       original=self.use_original_formulation)
+
+
+class _SkipLayerForward(_PolicyArgs):
     """CFG + skip-layer/perturbed-attention guidance, shared by PAG and SLG (identical math in diffusers)."""
+
+    def _cannot_skip(self):
+        return "it evaluates a third, perturbed branch whose guidance term needs no unconditional pass"
 
     def forward(self, pred_cond, pred_uncond=None, pred_cond_skip=None):
         cfg_on, slg_on = self._is_cfg_enabled(), self._is_slg_enabled()
@@ -56,34 +331,54 @@ class _SkipLayerForward:
 
 class PerturbedAttentionGuidance(_SkipLayerForward, _dg.PerturbedAttentionGuidance):
     __doc__ = "fastguide-backed " + (_dg.PerturbedAttentionGuidance.__doc__ or "")
+    __init__ = _policy_init(_dg.PerturbedAttentionGuidance)
 
 
 class SkipLayerGuidance(_SkipLayerForward, _dg.SkipLayerGuidance):
     __doc__ = "fastguide-backed " + (_dg.SkipLayerGuidance.__doc__ or "")
+    __init__ = _policy_init(_dg.SkipLayerGuidance)
 
 
-class ClassifierFreeZeroStarGuidance(_dg.ClassifierFreeZeroStarGuidance):
+class ClassifierFreeZeroStarGuidance(_Skipping, _dg.ClassifierFreeZeroStarGuidance):
     __doc__ = "fastguide-backed " + (_dg.ClassifierFreeZeroStarGuidance.__doc__ or "")
+    __init__ = _policy_init(_dg.ClassifierFreeZeroStarGuidance)
 
-    def forward(self, pred_cond, pred_uncond=None):
+    def _zero_init(self):
+        return self._enabled and self._step is not None and self._step < self.zero_init_steps
+
+    def _unguided(self, pred_cond):
+        # zero-init needs no unconditional prediction: it stays zero even where that pass is skipped
+        return torch.zeros_like(pred_cond) if self._zero_init() else pred_cond
+
+    def _ag_observes(self):
+        return not self._zero_init()  # zeros are no guidance of cond: AG judges the steps after zero-init
+
+    def _guide(self, pred_cond, pred_uncond):
         if not self._enabled:
-            pred = pred_cond
-        elif self._step < self.zero_init_steps:
-            pred = torch.zeros_like(pred_cond)  # diffusers then rescales zeros into NaN; zeros stay zeros
-        elif not self._is_cfg_enabled():
-            pred = pred_cond
-        else:
-            pred = ops.cfg_zero_star(pred_cond, pred_uncond, float(self.guidance_scale),
-                                     rescale=float(self.guidance_rescale), original=self.use_original_formulation)
-        return GuiderOutput(pred=pred, pred_cond=pred_cond, pred_uncond=pred_uncond)
+            return pred_cond
+        if self._zero_init():
+            return torch.zeros_like(pred_cond)  # diffusers then rescales zeros into NaN; zeros stay zeros
+        if not self._is_cfg_enabled():
+            return pred_cond
+        return ops.cfg_zero_star(pred_cond, pred_uncond, float(self.guidance_scale),
+                                 rescale=float(self.guidance_rescale), original=self.use_original_formulation)
 
 
-class AdaptiveProjectedGuidance(_dg.AdaptiveProjectedGuidance):
+class AdaptiveProjectedGuidance(_Skipping, _dg.AdaptiveProjectedGuidance):
     __doc__ = "fastguide-backed " + (_dg.AdaptiveProjectedGuidance.__doc__ or "")
+    __init__ = _policy_init(_dg.AdaptiveProjectedGuidance)
 
-    def forward(self, pred_cond, pred_uncond=None):
+    def _cannot_skip(self):
+        # The momentum buffer is a running average over every sample's guidance direction, across steps; a
+        # sample whose unconditional pass is skipped would break it. Without momentum APG is per step.
+        if self.adaptive_projected_guidance_momentum is not None:
+            return (f"adaptive_projected_guidance_momentum={self.adaptive_projected_guidance_momentum} carries "
+                    f"state across steps; use it with momentum None")
+        return None
+
+    def _guide(self, pred_cond, pred_uncond):
         if not self._is_apg_enabled():
-            return GuiderOutput(pred=pred_cond, pred_cond=pred_cond, pred_uncond=pred_uncond)
+            return pred_cond
         theirs, buf = self.momentum_buffer, None
         if theirs is not None:
             # diffusers makes a new MomentumBuffer at step 0 (prepare_inputs); follow it with ours, zeroed
@@ -118,15 +413,16 @@ class AdaptiveProjectedGuidance(_dg.AdaptiveProjectedGuidance):
             # Theirs shares our tensor (updated in place): the state stays readable (and convertible back)
             # through diffusers' own attribute.
             theirs.running_average = buf.running_average
-        return GuiderOutput(pred=pred, pred_cond=pred_cond, pred_uncond=pred_uncond)
+        return pred
 
 
-class FrequencyDecoupledGuidance(_dg.FrequencyDecoupledGuidance):
+class FrequencyDecoupledGuidance(_Skipping, _dg.FrequencyDecoupledGuidance):
     __doc__ = "fastguide-backed " + (_dg.FrequencyDecoupledGuidance.__doc__ or "")
+    __init__ = _policy_init(_dg.FrequencyDecoupledGuidance)
 
-    def forward(self, pred_cond, pred_uncond=None):
+    def _guide(self, pred_cond, pred_uncond):
         if not self._is_fdg_enabled():
-            return GuiderOutput(pred=pred_cond, pred_cond=pred_cond, pred_uncond=pred_uncond)
+            return pred_cond
         orig = self.use_original_formulation
         scales, weights, rescales = [], [], []
         for level, (s, w, r) in enumerate(zip(self.guidance_scales, self.parallel_weights, self.guidance_rescale)):
@@ -138,9 +434,8 @@ class FrequencyDecoupledGuidance(_dg.FrequencyDecoupledGuidance):
                 scales.append(0.0 if orig else 1.0)
                 weights.append(1.0)
                 rescales.append(0.0 if self.guidance_rescale_space == "freq" else float(r))
-        pred = frequency.fdg(pred_cond, pred_uncond, scales, parallel_weights=weights, rescale=rescales,
+        return frequency.fdg(pred_cond, pred_uncond, scales, parallel_weights=weights, rescale=rescales,
                              rescale_space=self.guidance_rescale_space, original=orig)
-        return GuiderOutput(pred=pred, pred_cond=pred_cond, pred_uncond=pred_uncond)
 
 
 GUIDERS = {  # diffusers guider -> fastguide twin
@@ -152,17 +447,27 @@ GUIDERS = {  # diffusers guider -> fastguide twin
     _dg.FrequencyDecoupledGuidance: FrequencyDecoupledGuidance,
 }
 
+# The twins that can skip the unconditional pass per sample (APG: without momentum).
+SKIPPING = {cls.__name__: cls for cls in GUIDERS.values() if issubclass(cls, _Skipping)}
 
-def guider_from(guider):
+
+def guider_from(guider, *, adaptive=None, interval=None, linear_ag=None, scheduler=None):
     """The fastguide twin of a diffusers guider, with the same config and the same current state
-    (step, windows, scales changed after construction, momentum buffer)."""
+    (step, windows, scales changed after construction, momentum buffer), and optionally a skipping policy
+    (adaptive= / interval= / linear_ag= / scheduler=, as the constructors take)."""
+    policy = (adaptive, interval, linear_ag, scheduler)
     if isinstance(guider, tuple(GUIDERS.values())):
-        return guider
-    cls = GUIDERS.get(type(guider))
+        if all(v is None for v in policy):
+            return guider
+        cls = type(guider)
+    else:
+        cls = GUIDERS.get(type(guider))
     if cls is None:
         names = sorted(k.__name__ for k in GUIDERS)
         raise TypeError(f"fastguide.diffusers.guider_from: no fastguide twin for {type(guider).__name__}; "
                         f"supported: {names}")
     twin = cls.__new__(cls)
     twin.__dict__.update(guider.__dict__)  # config, state, hooks: everything the guider holds
+    if any(v is not None for v in policy):
+        twin._configure(*policy)  # validates before installing; the original guider is left untouched
     return twin
