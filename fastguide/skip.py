@@ -188,7 +188,8 @@ class SkipPolicy:
     def size(self, batch):
         if self.done is None:
             self.done = [False] * batch
-            self.report.ag_switch_step = [None] * batch
+            if self.adaptive is not None or self.interval is not None:  # as fastguide.enable's report
+                self.report.ag_switch_step = [None] * batch
 
     def observe(self, rows, cos):
         """AG: samples `rows` (indices) had cosines `cos` (floats) at this step."""
