@@ -9,7 +9,7 @@ apg / fdg`.
     guider = fastguide.diffusers.guider_from(pipe.guider)      # convert an existing one
 
 Skipping the unconditional pass (the names `fastguide.enable` uses), on the guiders that combine exactly
-cond / uncond with no state across steps (CFG, CFG-Zero*, FDG, APG without momentum; `SKIPPING` lists them):
+cond / uncond (CFG, CFG-Zero*, FDG, APG -- its momentum kept per sample; `SKIPPING` lists them):
 
     guider = ClassifierFreeGuidance(guidance_scale=5.0, adaptive=fastguide.AG(0.991))
     guider = ClassifierFreeGuidance(guidance_scale=5.0, interval=(0.28, 5.42), scheduler=pipe.scheduler)
@@ -174,7 +174,8 @@ def _batched_rows(value, batch, idx):
 
 class _Skipping(_PolicyArgs):
     """The guider side of the skipping policy (see the module docstring). Subclasses provide `_guide(cond,
-    uncond)` (the combine, any number of rows) and may override `_unguided` / `_ag_observes`."""
+    uncond, rows=None)`, the combine of any number of rows (`rows`: their indices in the full batch when they
+    are a subset, for per-sample state such as APG's momentum), and may override `_unguided` / `_ag_observes`."""
 
     def _unguided(self, pred_cond):
         """The prediction of a sample whose unconditional branch was skipped."""
@@ -187,11 +188,7 @@ class _Skipping(_PolicyArgs):
     # -- protocol ----------------------------------------------------------------------------------
     def set_state(self, step, num_inference_steps, timestep):
         if self._skip is not None:
-            where = f"fastguide.diffusers.{type(self).__name__}"
-            reason = self._cannot_skip()  # e.g. APG's momentum set after construction
-            if reason is not None:
-                raise ValueError(f"{where}: adaptive / interval / linear_ag cannot run: {reason}")
-            self._skip.start_step(step, num_inference_steps, timestep, where)
+            self._skip.start_step(step, num_inference_steps, timestep, f"fastguide.diffusers.{type(self).__name__}")
         super().set_state(step, num_inference_steps, timestep)
 
     @property
@@ -285,7 +282,7 @@ class _Skipping(_PolicyArgs):
             else:
                 idx = torch.tensor(rows, device=pred_cond.device)
                 cond_rows = pred_cond.index_select(0, idx)
-                guided = self._guide(cond_rows, pred_uncond)
+                guided = self._guide(cond_rows, pred_uncond, rows=idx)
                 pred = self._unguided(pred_cond).clone().index_copy_(0, idx, guided)
                 report.nfe_skipped += batch - len(rows)
             if skip.adaptive is not None and self._ag_observes():
@@ -301,7 +298,7 @@ class ClassifierFreeGuidance(_Skipping, _dg.ClassifierFreeGuidance):
     __doc__ = "fastguide-backed " + (_dg.ClassifierFreeGuidance.__doc__ or "")
     __init__ = _policy_init(_dg.ClassifierFreeGuidance)
 
-    def _guide(self, pred_cond, pred_uncond):
+    def _guide(self, pred_cond, pred_uncond, rows=None):
         if not self._is_cfg_enabled():
             return pred_cond  # diffusers' rescale of pred_cond against itself is the identity
         return ops.cfg(pred_cond, pred_uncond, float(self.guidance_scale), rescale=float(self.guidance_rescale),
@@ -353,7 +350,7 @@ class ClassifierFreeZeroStarGuidance(_Skipping, _dg.ClassifierFreeZeroStarGuidan
     def _ag_observes(self):
         return not self._zero_init()  # zeros are no guidance of cond: AG judges the steps after zero-init
 
-    def _guide(self, pred_cond, pred_uncond):
+    def _guide(self, pred_cond, pred_uncond, rows=None):
         if not self._enabled:
             return pred_cond
         if self._zero_init():
@@ -368,18 +365,12 @@ class AdaptiveProjectedGuidance(_Skipping, _dg.AdaptiveProjectedGuidance):
     __doc__ = "fastguide-backed " + (_dg.AdaptiveProjectedGuidance.__doc__ or "")
     __init__ = _policy_init(_dg.AdaptiveProjectedGuidance)
 
-    def _cannot_skip(self):
-        # The momentum buffer is a running average over every sample's guidance direction, across steps; a
-        # sample whose unconditional pass is skipped would break it. Without momentum APG is per step.
-        if self.adaptive_projected_guidance_momentum is not None:
-            return (f"adaptive_projected_guidance_momentum={self.adaptive_projected_guidance_momentum} carries "
-                    f"state across steps; use it with momentum None")
-        return None
-
-    def _guide(self, pred_cond, pred_uncond):
+    def _guide(self, pred_cond, pred_uncond, rows=None):
         if not self._is_apg_enabled():
             return pred_cond
         theirs, buf = self.momentum_buffer, None
+        if theirs is not None and rows is not None:
+            return self._guide_rows(pred_cond, pred_uncond, rows)
         if theirs is not None:
             # diffusers makes a new MomentumBuffer at step 0 (prepare_inputs); follow it with ours, zeroed
             # in place when the shape allows (CUDA-graph friendly), new otherwise. Theirs may already hold
@@ -415,12 +406,31 @@ class AdaptiveProjectedGuidance(_Skipping, _dg.AdaptiveProjectedGuidance):
             theirs.running_average = buf.running_average
         return pred
 
+    def _guide_rows(self, pred_cond, pred_uncond, rows):
+        """APG with momentum on the samples `rows` only (AG switched the others off): each sample's running
+        average advances on the steps its guidance is computed, the others' rows stay as they are (they are
+        not used again in this trajectory). The first guided step of a trajectory is always full (AG decides
+        after guided steps only), so the buffer exists here, bound to this trajectory."""
+        buf = getattr(self, "_fastguide_buffer", None)
+        if buf is None or buf.running_average is None or self._fastguide_owner is not self.momentum_buffer:
+            raise RuntimeError("fastguide AdaptiveProjectedGuidance: a partial step before the trajectory's first "
+                               "full guided step (the momentum buffer is not set up)")
+        ra = buf.running_average
+        sub = ops.MomentumBuffer(buf.momentum)
+        sub.running_average = ra.index_select(0, rows.to(ra.device))
+        pred = ops.apg(pred_cond, pred_uncond, float(self.guidance_scale), eta=float(self.eta),
+                       norm_threshold=max(float(self.adaptive_projected_guidance_rescale), 0.0), momentum_buffer=sub,
+                       norm_dim=self.adaptive_projected_guidance_norm_dim, rescale=float(self.guidance_rescale),
+                       original=self.use_original_formulation)
+        ra.index_copy_(0, rows.to(ra.device), sub.running_average)
+        return pred
+
 
 class FrequencyDecoupledGuidance(_Skipping, _dg.FrequencyDecoupledGuidance):
     __doc__ = "fastguide-backed " + (_dg.FrequencyDecoupledGuidance.__doc__ or "")
     __init__ = _policy_init(_dg.FrequencyDecoupledGuidance)
 
-    def _guide(self, pred_cond, pred_uncond):
+    def _guide(self, pred_cond, pred_uncond, rows=None):
         if not self._is_fdg_enabled():
             return pred_cond
         orig = self.use_original_formulation
@@ -447,7 +457,7 @@ GUIDERS = {  # diffusers guider -> fastguide twin
     _dg.FrequencyDecoupledGuidance: FrequencyDecoupledGuidance,
 }
 
-# The twins that can skip the unconditional pass per sample (APG: without momentum).
+# The twins that can skip the unconditional pass per sample (PAG / SLG cannot: a third branch).
 SKIPPING = {cls.__name__: cls for cls in GUIDERS.values() if issubclass(cls, _Skipping)}
 
 

@@ -25,7 +25,8 @@ CASES = [
     (fd.FrequencyDecoupledGuidance, dict(guidance_scales=[8.0, 3.0], adaptive=fastguide.AG(0.99))),
     (fd.AdaptiveProjectedGuidance, dict(guidance_scale=5.0, eta=0.5, interval=(0.2, 0.8),
                                         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))),
-    (fd.AdaptiveProjectedGuidance, dict(guidance_scale=5.0, adaptive_projected_guidance_momentum=-0.5)),
+    (fd.AdaptiveProjectedGuidance, dict(guidance_scale=5.0, adaptive_projected_guidance_momentum=-0.5,
+                                        adaptive=fastguide.AG(0.99))),
     (fd.PerturbedAttentionGuidance, dict(guidance_scale=5.0, perturbed_guidance_layers=[0])),
     (fd.SkipLayerGuidance, dict(guidance_scale=5.0, skip_layer_guidance_layers=[0])),
 ]

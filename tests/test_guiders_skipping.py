@@ -18,6 +18,8 @@ from fastguide.skip import NoiseSchedule
 B, N = 3, 6
 SHAPE = (B, 4, 8, 8)
 TIMESTEPS = [999 - 166 * i for i in range(N)]
+APG_MOMENTUM = dict(guidance_scale=5.0, eta=0.5, adaptive_projected_guidance_momentum=-0.5,
+                    adaptive_projected_guidance_rescale=4.0)
 
 
 class RowDenoiser(torch.nn.Module):
@@ -64,7 +66,9 @@ def test_never_switching_equals_diffusers():
                          (dg.ClassifierFreeZeroStarGuidance(guidance_scale=4.0),
                           fd.ClassifierFreeZeroStarGuidance(guidance_scale=4.0, adaptive=fastguide.AG(1.5))),
                          (dg.FrequencyDecoupledGuidance(guidance_scales=[6.0, 3.0]),
-                          fd.FrequencyDecoupledGuidance(guidance_scales=[6.0, 3.0], adaptive=fastguide.AG(1.5)))]:
+                          fd.FrequencyDecoupledGuidance(guidance_scales=[6.0, 3.0], adaptive=fastguide.AG(1.5))),
+                         (dg.AdaptiveProjectedGuidance(**APG_MOMENTUM),
+                          fd.AdaptiveProjectedGuidance(**APG_MOMENTUM, adaptive=fastguide.AG(1.5)))]:
         ref, ref_calls = protocol_run(theirs, *_inputs())
         out, calls = protocol_run(ours, *_inputs())
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
@@ -107,11 +111,14 @@ def _cosines(guider_cls, **kw):
 
 @pytest.mark.parametrize("cls,kw", [(fd.ClassifierFreeGuidance, dict(guidance_scale=5.0)),
                                     (fd.FrequencyDecoupledGuidance, dict(guidance_scales=[6.0, 3.0])),
-                                    (fd.AdaptiveProjectedGuidance, dict(guidance_scale=5.0, eta=0.5))])
+                                    (fd.AdaptiveProjectedGuidance, dict(guidance_scale=5.0, eta=0.5)),
+                                    (fd.AdaptiveProjectedGuidance, APG_MOMENTUM)],
+                         ids=["cfg", "fdg", "apg", "apg-momentum"])
 def test_samples_switching_at_different_steps_equal_their_solo_runs(cls, kw):
     """A threshold between the samples' cosines: they switch at different steps, the unconditional batch is
     sliced to the rows still guided (embeddings in the batch, latents through prepare_models), and each
-    sample's trajectory equals the same sample run alone."""
+    sample's trajectory equals the same sample run alone (APG: each sample's momentum advances on the steps
+    it is guided)."""
     cos0 = _cosines(cls, **kw)[0]
     order = sorted(range(B), key=lambda i: cos0[i])
     threshold = (cos0[order[0]] + cos0[order[1]]) / 2  # the lowest sample stays guided at step 0, the others switch
@@ -143,6 +150,17 @@ def test_interval_equals_the_diffusers_window_of_its_steps():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert calls == [B, B] + [B, B] * 3 + [B]  # cond only at steps 0, 1 and 5
     assert ours.report == Report(steps=N, nfe=B * N + 3 * B, nfe_skipped=3 * B, ag_switch_step=[None] * B)
+
+
+def test_apg_momentum_with_an_interval_equals_the_diffusers_window():
+    """Outside the interval no guidance and no momentum update: diffusers' APG with the same steps' window."""
+    sched = FlowMatchEulerDiscreteScheduler()
+    ts = [1000 * (1 - i / N) for i in range(N)]  # flow matching: sigma = t / 1000
+    ours = fd.AdaptiveProjectedGuidance(**APG_MOMENTUM, interval=(0.4, 0.9), scheduler=sched)  # sigmas .833 .667 .5
+    out, calls = protocol_run(ours, *_inputs(), timesteps=ts)
+    ref, _ = protocol_run(dg.AdaptiveProjectedGuidance(**APG_MOMENTUM, start=1 / N, stop=4 / N), *_inputs(), timesteps=ts)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert calls == [B] + [B, B] * 3 + [B] + [B]  # cond only at steps 0, 4, 5
 
 
 def test_linear_ag_predicts_uncond_at_its_steps():
@@ -237,8 +255,7 @@ def test_bad_policy_arguments_raise_at_construction():
 @pytest.mark.parametrize("make", [
     lambda **p: fd.PerturbedAttentionGuidance(perturbed_guidance_layers=[0], **p),
     lambda **p: fd.SkipLayerGuidance(skip_layer_guidance_layers=[0], **p),
-    lambda **p: fd.AdaptiveProjectedGuidance(adaptive_projected_guidance_momentum=-0.5, **p),
-], ids=["pag", "slg", "apg-momentum"])
+], ids=["pag", "slg"])
 def test_guiders_that_cannot_skip_say_so_at_construction(make):
     for policy in (dict(adaptive=fastguide.AG(0.99)), dict(interval=(0.1, 1.0), scheduler=EulerDiscreteScheduler()),
                    dict(linear_ag=fastguide.LinearAG({2: (1, 0, 0)}, 6))):
