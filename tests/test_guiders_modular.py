@@ -31,27 +31,32 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
+def sdxl_inputs(batch=B, seed=7):
+    """Inputs of the tiny SDXL modular pipeline: embeddings (no text encoders) and 16x16 latents."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(batch, *shape, generator=g)  # noqa: E731
+    return dict(prompt_embeds=r(5, 16), negative_prompt_embeds=r(5, 16), pooled_prompt_embeds=r(8),
+                negative_pooled_prompt_embeds=r(8), latents=r(4, 16, 16))
+
+
 def _sdxl():
     pipe = StableDiffusionXLCoreDenoiseStep().init_pipeline()
     pipe.update_components(unet=make_sdxl().unet, scheduler=EulerDiscreteScheduler(steps_offset=1))
-    g = torch.Generator().manual_seed(7)
-    inputs = dict(prompt_embeds=torch.randn(B, 5, 16, generator=g), negative_prompt_embeds=torch.randn(B, 5, 16, generator=g),
-                  pooled_prompt_embeds=torch.randn(B, 8, generator=g),
-                  negative_pooled_prompt_embeds=torch.randn(B, 8, generator=g), latents=torch.randn(B, 4, 16, 16, generator=g))
-    return pipe, pipe.unet, inputs, dict(height=16, width=16)
+    return pipe, pipe.unet, sdxl_inputs(), dict(height=16, width=16)
 
 
 def _wan():
     torch.manual_seed(0)
-    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
-                                        out_channels=4, text_dim=16, freq_dim=32, ffn_dim=32, num_layers=2,
-                                        rope_max_seq_len=32)
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                        in_channels=4, out_channels=4, text_dim=16, freq_dim=32, ffn_dim=32,
+                                        num_layers=2, rope_max_seq_len=32)
     pipe = WanCoreDenoiseStep().init_pipeline()
     pipe.update_components(transformer=transformer, scheduler=UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0))
     g = torch.Generator().manual_seed(7)
-    inputs = dict(prompt_embeds=torch.randn(B, 5, 16, generator=g), negative_prompt_embeds=torch.randn(B, 5, 16, generator=g),
-                  latents=torch.randn(B, 4, 1, 8, 8, generator=g))
+    inputs = dict(prompt_embeds=torch.randn(B, 5, 16, generator=g),
+                  negative_prompt_embeds=torch.randn(B, 5, 16, generator=g),
+                  latents=torch.randn(B, 4, 1, 8, 8, generator=g))  # one frame of 8x8 latents
     return pipe, pipe.transformer, inputs, dict(height=64, width=64, num_frames=1)
 
 
@@ -77,7 +82,9 @@ def run(setup, guider, rows=None, sample=None):
     if sample is not None:
         inputs = {k: v[sample:sample + 1] for k, v in inputs.items()}
     pipe.update_components(guider=guider)
-    handle = denoiser.register_forward_hook(lambda m, a, out: rows.append(out[0].shape[0])) if rows is not None else None
+    handle = None
+    if rows is not None:  # a post-hook: it sees the rows the network evaluated, after the guider's slicing
+        handle = denoiser.register_forward_hook(lambda m, a, out: rows.append(out[0].shape[0]))
     try:
         with torch.no_grad():
             return pipe(**inputs, **size, num_inference_steps=STEPS, output="latents")

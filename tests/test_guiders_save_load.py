@@ -12,6 +12,7 @@ from diffusers.modular_pipelines.stable_diffusion_xl.modular_blocks_stable_diffu
 
 import fastguide
 import fastguide.diffusers as fd
+from test_guiders_modular import sdxl_inputs
 from test_pipelines import make_sdxl
 
 EULER = EulerDiscreteScheduler(steps_offset=1)
@@ -20,8 +21,8 @@ EULER = EulerDiscreteScheduler(steps_offset=1)
 CASES = [
     (fd.ClassifierFreeGuidance, dict(guidance_scale=6.0, adaptive=fastguide.AG(0.97))),
     (fd.ClassifierFreeGuidance, dict(guidance_scale=6.0, guidance_rescale=0.7, interval=(0.3, 5.4), scheduler=EULER)),
-    (fd.ClassifierFreeZeroStarGuidance, dict(guidance_scale=4.0, linear_ag=fastguide.LinearAG({1: (0.5, 0.25, 0.125),
-                                                                                                3: (1.0, -0.5, 0.5)}, 8))),
+    (fd.ClassifierFreeZeroStarGuidance, dict(guidance_scale=4.0, linear_ag=fastguide.LinearAG(
+        {1: (0.5, 0.25, 0.125), 3: (1.0, -0.5, 0.5)}, 8))),
     (fd.FrequencyDecoupledGuidance, dict(guidance_scales=[8.0, 3.0], adaptive=fastguide.AG(0.99))),
     (fd.AdaptiveProjectedGuidance, dict(guidance_scale=5.0, eta=0.5, interval=(0.2, 0.8),
                                         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))),
@@ -69,11 +70,13 @@ def test_policy_config_entries_are_json_and_absent_without_a_policy(tmp_path):
     ours = CASES[2][0](**CASES[2][1])
     ours.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "guider_config.json").read_text())
-    assert saved["linear_ag"] == {"num_inference_steps": 8, "coefficients": [[1, 0.5, 0.25, 0.125], [3, 1.0, -0.5, 0.5]]}
+    assert saved["linear_ag"] == {"num_inference_steps": 8,
+                                  "coefficients": [[1, 0.5, 0.25, 0.125], [3, 1.0, -0.5, 0.5]]}
     interval = fd.ClassifierFreeGuidance(interval=(0.3, 5.4), scheduler=EULER).config
     assert interval["interval"] == [0.3, 5.4] and interval["scheduler"]["class_name"] == "EulerDiscreteScheduler"
     # a twin without a policy has exactly its diffusers guider's config
-    assert dict(fd.ClassifierFreeGuidance(guidance_scale=3.0).config) == dict(dg.ClassifierFreeGuidance(guidance_scale=3.0).config)
+    plain = fd.ClassifierFreeGuidance(guidance_scale=3.0)
+    assert dict(plain.config) == dict(dg.ClassifierFreeGuidance(guidance_scale=3.0).config)
 
 
 def test_malformed_policy_entry_names_it(tmp_path):
@@ -130,10 +133,7 @@ def test_modular_pipeline_round_trip(tmp_path):
     back = StableDiffusionXLCoreDenoiseStep().init_pipeline(str(tmp_path / "pipe"))
     back.load_components()
     assert_same_guider(back.guider, guider)
-    g = torch.Generator().manual_seed(3)
-    inputs = dict(prompt_embeds=torch.randn(2, 5, 16, generator=g), negative_prompt_embeds=torch.randn(2, 5, 16, generator=g),
-                  pooled_prompt_embeds=torch.randn(2, 8, generator=g),
-                  negative_pooled_prompt_embeds=torch.randn(2, 8, generator=g), latents=torch.randn(2, 4, 16, 16, generator=g))
+    inputs = sdxl_inputs(batch=2, seed=3)
     outs, reports = [], []
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny UNet on a shared machine

@@ -62,7 +62,8 @@ def _inputs(seed=0):
 def test_never_switching_equals_diffusers():
     """threshold > 1 never switches: every step equals diffusers' own guider, with every row evaluated."""
     for theirs, ours in [(dg.ClassifierFreeGuidance(guidance_scale=5.0, guidance_rescale=0.5),
-                          fd.ClassifierFreeGuidance(guidance_scale=5.0, guidance_rescale=0.5, adaptive=fastguide.AG(1.5))),
+                          fd.ClassifierFreeGuidance(guidance_scale=5.0, guidance_rescale=0.5,
+                                                    adaptive=fastguide.AG(1.5))),
                          (dg.ClassifierFreeZeroStarGuidance(guidance_scale=4.0),
                           fd.ClassifierFreeZeroStarGuidance(guidance_scale=4.0, adaptive=fastguide.AG(1.5))),
                          (dg.FrequencyDecoupledGuidance(guidance_scales=[6.0, 3.0]),
@@ -158,7 +159,8 @@ def test_apg_momentum_with_an_interval_equals_the_diffusers_window():
     ts = [1000 * (1 - i / N) for i in range(N)]  # flow matching: sigma = t / 1000
     ours = fd.AdaptiveProjectedGuidance(**APG_MOMENTUM, interval=(0.4, 0.9), scheduler=sched)  # sigmas .833 .667 .5
     out, calls = protocol_run(ours, *_inputs(), timesteps=ts)
-    ref, _ = protocol_run(dg.AdaptiveProjectedGuidance(**APG_MOMENTUM, start=1 / N, stop=4 / N), *_inputs(), timesteps=ts)
+    theirs = dg.AdaptiveProjectedGuidance(**APG_MOMENTUM, start=1 / N, stop=4 / N)
+    ref, _ = protocol_run(theirs, *_inputs(), timesteps=ts)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert calls == [B] + [B, B] * 3 + [B] + [B]  # cond only at steps 0, 4, 5
 
