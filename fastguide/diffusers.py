@@ -9,11 +9,12 @@ apg / fdg`.
     guider = fastguide.diffusers.guider_from(pipe.guider)      # convert an existing one
 
 Skipping the unconditional pass (the names `fastguide.enable` uses), on the guiders that combine exactly
-cond / uncond (CFG, CFG-Zero*, FDG, APG -- its momentum kept per sample; `SKIPPING` lists them):
+cond / uncond (CFG, CFG-Zero*, FDG, APG -- its momentum kept per sample; `SKIPPING` lists them; PAG / SLG
+raise at construction):
 
     guider = ClassifierFreeGuidance(guidance_scale=5.0, adaptive=fastguide.AG(0.991))
     guider = ClassifierFreeGuidance(guidance_scale=5.0, interval=(0.28, 5.42), scheduler=pipe.scheduler)
-    guider = ClassifierFreeGuidance(guidance_scale=5.0, linear_ag=fastguide.calibrate_linear_ag(...))
+    guider = ClassifierFreeGuidance(guidance_scale=5.0, linear_ag=fastguide.LinearAG({...}, num_inference_steps))
 
 The guider asks the pipeline for the batches it needs through the guider protocol itself (`num_conditions`,
 `prepare_inputs`), so every modular pipeline skips the unconditional network pass with no pipeline code:
@@ -22,11 +23,19 @@ The guider asks the pipeline for the batches it needs through the guider protoco
 * when only some samples still need it (AG switched the others), the unconditional batch is sliced to those
   rows: every tensor of its BlockState batched like the samples, and -- through `prepare_models`, which
   pipelines call with the denoiser before each batch -- every input of the denoiser call batched like the
-  samples (the latents and timesteps that pipelines pass from their own state). The guided rows are combined
-  and the others return their conditional prediction.
-A decision taken in `forward` (AG) takes effect from the next step. `guider.report` (a
-`fastguide.pipelines.Report`, new at step 0) counts the evaluations. The policy is part of the config:
-it survives `save_pretrained` / `from_pretrained`, alone or in a pipeline.
+  samples (the latents and timesteps that pipelines pass from their own state). "Batched like the samples"
+  means dim 0 == batch size, as in `fastguide.enable`: an unbatched input whose first dimension happens to
+  equal the batch size would be sliced too. The guided rows are combined, the others return their
+  conditional prediction (`GuiderOutput.pred_uncond` holds the rows evaluated).
+A decision taken in `forward` (AG) takes effect from the next step; the step index is set_state's.
+`interval` is in sigma, like `fastguide.enable`'s. A guider sees timesteps only, so it needs `scheduler=`:
+sigma is a function of the timestep under the scheduler's training noise schedule (flow matching:
+t / num_train_timesteps; otherwise sqrt((1 - alphas_cumprod[t]) / alphas_cumprod[t])), independent of the
+sampler's spacing or shift, and serialized with the guider (`skip.NoiseSchedule`).
+`guider.report` (a `fastguide.pipelines.Report`, new at step 0) counts the evaluations of the last run.
+The policy (AG threshold, interval and noise schedule, LinearAG coefficients) is part of the config: it
+survives `save_pretrained` / `from_pretrained`, alone or in a pipeline (a modular pipeline saves the guider
+only when it was loaded from a directory, as diffusers does for its own guiders).
 
 Differences from diffusers, all documented in tests/test_diffusers_guiders.py: guidance rescale of a
 prediction with zero std returns it unrescaled instead of NaN (diffusers issue #13425) -- this includes
@@ -110,11 +119,13 @@ class _PolicyArgs:
         if interval is not None and schedule is None:
             raise ValueError(f"{where}: interval=(sigma_lo, sigma_hi) is in sigma and the guider only sees timesteps; "
                              f"pass scheduler=pipe.scheduler so it can map each step's timestep to its sigma")
-        policy = any(v is not None for v in (adaptive, interval, linear_ag))
+        given = [n for n, v in (("adaptive", adaptive), ("interval", interval), ("linear_ag", linear_ag))
+                 if v is not None]
+        policy = bool(given)
         reason = self._cannot_skip()
         if policy and reason is not None:
-            raise ValueError(f"{where}: adaptive / interval / linear_ag skip the unconditional pass per sample, "
-                             f"which this guider cannot do ({reason}); guiders that can: {sorted(SKIPPING)}")
+            raise ValueError(f"{where}: {' / '.join(given)} skips the unconditional pass per sample, which this "
+                             f"guider cannot do ({reason}); guiders that can: {sorted(SKIPPING)}")
         self._skip = SkipPolicy(adaptive, interval, linear_ag, schedule) if policy else None
         self._rows_hook = None
         entries = _encode(adaptive, interval, linear_ag, schedule)

@@ -261,7 +261,8 @@ def test_bad_policy_arguments_raise_at_construction():
 def test_guiders_that_cannot_skip_say_so_at_construction(make):
     for policy in (dict(adaptive=fastguide.AG(0.99)), dict(interval=(0.1, 1.0), scheduler=EulerDiscreteScheduler()),
                    dict(linear_ag=fastguide.LinearAG({2: (1, 0, 0)}, 6))):
-        with pytest.raises(ValueError, match=r"which this guider cannot do \(.+\); guiders that can: "
+        with pytest.raises(ValueError, match=rf"{next(iter(policy))} skips the unconditional pass per sample, "
+                                             r"which this guider cannot do \(.+\); guiders that can: "
                                              r"\['AdaptiveProjectedGuidance', 'ClassifierFreeGuidance', "
                                              r"'ClassifierFreeZeroStarGuidance', 'FrequencyDecoupledGuidance'\]"):
             make(**policy)
