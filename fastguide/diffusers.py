@@ -42,6 +42,7 @@ prediction with zero std returns it unrescaled instead of NaN (diffusers issue #
 CFG-Zero*'s zero-init steps with rescale > 0, where diffusers returns NaN and fastguide zeros; APG's
 projection runs in fp32 (diffusers: float64), within fp32 rounding.
 """
+import contextlib
 import inspect
 
 import torch
@@ -58,7 +59,7 @@ from .skip import NoiseSchedule, SkipPolicy, check_policy
 
 __all__ = ["AdaptiveProjectedGuidance", "BaseGuidance", "ClassifierFreeGuidance", "ClassifierFreeZeroStarGuidance",
            "FrequencyDecoupledGuidance", "PerturbedAttentionGuidance", "SkipLayerGuidance", "guider_from",
-           "GUIDERS", "SKIPPING"]
+           "recording", "GUIDERS", "SKIPPING"]
 
 POLICY_ARGS = ("adaptive", "interval", "linear_ag", "scheduler")
 
@@ -256,7 +257,19 @@ class _Skipping(_PolicyArgs):
             self._rows_hook.remove()
             self._rows_hook = None
 
+    _recording = None  # a list of runs while `recording(guider)` is active
+
+    def _record(self, pred_cond, pred_uncond):
+        """LinearAG calibration: every step whose two branches ran on every sample, per run, by step index."""
+        runs = self._recording
+        if runs is None or pred_uncond is None or pred_uncond.shape[0] != pred_cond.shape[0]:
+            return
+        if self._step == 0 or not runs:
+            runs.append({})
+        runs[-1][self._step] = (pred_cond.detach().clone(), pred_uncond.detach().clone())
+
     def forward(self, pred_cond, pred_uncond=None):
+        self._record(pred_cond, pred_uncond)
         skip = self._skip
         if skip is None or not skip.in_step:
             return GuiderOutput(pred=self._guide(pred_cond, pred_uncond), pred_cond=pred_cond, pred_uncond=pred_uncond)
@@ -470,6 +483,28 @@ GUIDERS = {  # diffusers guider -> fastguide twin
 
 # The twins that can skip the unconditional pass per sample (PAG / SLG cannot: a third branch).
 SKIPPING = {cls.__name__: cls for cls in GUIDERS.values() if issubclass(cls, _Skipping)}
+
+
+@contextlib.contextmanager
+def recording(guider):
+    """Record a guider's (cond, uncond) predictions for LinearAG calibration, in any pipeline:
+
+        with fastguide.diffusers.recording(pipe.guider) as runs:
+            for prompt in prompts:
+                pipe(prompt=prompt, num_inference_steps=30)     # full CFG runs
+        coefficients = fastguide.pipelines.fit_linear_ag(runs, steps=[1, 3, 5, 7])
+        pipe.update_components(guider=pipe.guider.new(linear_ag=fastguide.LinearAG(coefficients, 30)))
+
+    `runs` gets one {step: (cond, uncond)} per trajectory (steps where both branches ran on every sample)."""
+    if not isinstance(guider, _Skipping):
+        raise TypeError(f"fastguide.diffusers.recording: guider must be one of {sorted(SKIPPING)} (a guider "
+                        f"combining cond and uncond), got {type(guider).__name__}")
+    runs = []
+    guider._recording = runs
+    try:
+        yield runs
+    finally:
+        guider._recording = None
 
 
 def guider_from(guider, *, adaptive=None, interval=None, linear_ag=None, scheduler=None):

@@ -12,7 +12,7 @@ from diffusers import guiders as dg
 
 import fastguide
 import fastguide.diffusers as fd
-from fastguide.pipelines import Report
+from fastguide.pipelines import Report, fit_linear_ag
 from fastguide.skip import NoiseSchedule
 
 B, N = 3, 6
@@ -183,6 +183,31 @@ def test_linear_ag_predicts_uncond_at_its_steps():
         prev = (pc, pu)
         x = x - 0.1 * fastguide.cfg(pc, pu, 5.0)
     torch.testing.assert_close(out, x, rtol=1e-5, atol=1e-5)
+
+
+def test_recording_calibrates_linear_ag_in_any_pipeline():
+    """recording(guider) collects each run's per-step (cond, uncond); fit_linear_ag turns them into a LinearAG
+    that the same guider then runs with (fewer unconditional passes)."""
+    guider = fd.ClassifierFreeGuidance(guidance_scale=5.0)
+    with fd.recording(guider) as runs:
+        for seed in (0, 1):
+            protocol_run(guider, *_inputs(seed))
+    assert guider._recording is None and len(runs) == 2 and all(sorted(r) == list(range(N)) for r in runs)
+    cond, uncond, lat = _inputs(1)
+    den = RowDenoiser()
+    t0 = torch.tensor(float(TIMESTEPS[0]))
+    assert torch.equal(runs[1][0][0], den(lat, t0, emb=cond)) and torch.equal(runs[1][0][1], den(lat, t0, emb=uncond))
+    linear_ag = fastguide.LinearAG(fit_linear_ag(runs, [2, 4]), N)
+    calibrated = guider.new(linear_ag=linear_ag)
+    out, calls = protocol_run(calibrated, *_inputs(2))
+    full, _ = protocol_run(guider, *_inputs(2))
+    assert calibrated.report.nfe == 2 * B * N - 2 * B and len(calls) == 2 * N - 2
+    # an approximation of full CFG, not CFG -- and a much better one than skipping guidance at those steps
+    naive, _ = protocol_run(guider.new(linear_ag=fastguide.LinearAG({2: (1, 0, 0), 4: (1, 0, 0)}, N)), *_inputs(2))
+    assert 0 < (out - full).abs().max() < 0.5 * (naive - full).abs().max()
+    with pytest.raises(TypeError, match="recording: guider must be one of"):
+        with fd.recording(dg.ClassifierFreeGuidance()):
+            pass
 
 
 def test_linear_ag_checks_the_step_count_before_the_run():
