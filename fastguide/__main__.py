@@ -13,6 +13,7 @@ EPILOG = f"""examples:
   fastguide info                  which backend (C++, Triton, PyTorch fallback) serves each op here
   fastguide bench --quick         fastguide against diffusers, eager, torch.compile and the memcpy floor
   fastguide bench --help          every benchmark option
+  fastguide lab --quick           every guidance method measured on the shipped digits model (minutes)
   python -m fastguide info        the same without the console script
 
 {EXIT_CODES}"""
@@ -47,7 +48,7 @@ def build_parser():
     p = argparse.ArgumentParser(prog="fastguide", description="fastguide: fused guidance ops for diffusion samplers.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"fastguide {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="{info,bench}")
+    sub = p.add_subparsers(dest="command", metavar="{info,bench,lab}")
     info_p = sub.add_parser("info", help="list the backend serving each op on each device",
                    description="List which backend serves each op on each device: the C++ extension (CPU), Triton "
                                "(CUDA) or the plain PyTorch fallback, with the reason when one is missing.",
@@ -55,7 +56,11 @@ def build_parser():
     bench_p = bench.add_arguments(sub.add_parser("bench", help="benchmark each op against its peers and the memory floor",
                                                  description=bench.__doc__, epilog=bench.EPILOG,
                                                  formatter_class=argparse.RawDescriptionHelpFormatter))
-    p.subcommands = {"info": info_p, "bench": bench_p}  # run() reports usage errors with the subcommand's usage
+    from .lab import run as lab_run
+    lab_p = lab_run.add_arguments(sub.add_parser("lab", help="measure every guidance method on the shipped digits model",
+                                                 description=lab_run.__doc__, epilog=lab_run.EPILOG,
+                                                 formatter_class=argparse.RawDescriptionHelpFormatter))
+    p.subcommands = {"info": info_p, "bench": bench_p, "lab": lab_p}  # run() reports usage errors with the subcommand's usage
     return p
 
 
@@ -68,6 +73,9 @@ def main(argv=None):
     if a.command == "bench":
         from . import bench
         return bench.run(a, p.subcommands["bench"])
+    if a.command == "lab":
+        from .lab import run as lab_run
+        return lab_run.run(a, p.subcommands["lab"])
     p.print_help(sys.stderr)
     return 2
 

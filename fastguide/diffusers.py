@@ -70,7 +70,7 @@ def _encode(adaptive, interval, linear_ag, schedule):
     exactly its diffusers twin's config)."""
     out = {}
     if adaptive is not None:
-        out["adaptive"] = {"threshold": float(adaptive.threshold)}
+        out["adaptive"] = {"threshold": float(adaptive.threshold), "space": adaptive.space}
     if interval is not None:
         out["interval"] = list(interval)
     if linear_ag is not None:
@@ -120,6 +120,9 @@ class _PolicyArgs:
         if interval is not None and schedule is None:
             raise ValueError(f"{where}: interval=(sigma_lo, sigma_hi) is in sigma and the guider only sees timesteps; "
                              f"pass scheduler=pipe.scheduler so it can map each step's timestep to its sigma")
+        if adaptive is not None and adaptive.space == "x0" and schedule is None:
+            raise ValueError(f"{where}: adaptive=AG(space='x0') measures the cosine of the x0 estimates, which needs "
+                             f"the noise schedule: pass scheduler=pipe.scheduler (or use AG(space='prediction'))")
         given = [n for n, v in (("adaptive", adaptive), ("interval", interval), ("linear_ag", linear_ag))
                  if v is not None]
         policy = bool(given)
@@ -234,8 +237,22 @@ class _Skipping(_PolicyArgs):
     def prepare_inputs_from_block_state(self, data, input_fields):
         return self._slice_uncond(super().prepare_inputs_from_block_state(data, input_fields))
 
+    def _wants_sample(self):
+        skip = self._skip
+        return (skip is not None and skip.in_step and skip.adaptive is not None and skip.adaptive.space == "x0"
+                and self.is_conditional)
+
     def prepare_models(self, denoiser):
         super().prepare_models(denoiser)
+        if self._wants_sample() and isinstance(denoiser, torch.nn.Module):
+            # AG in x0 space needs the denoiser's input: read it off the conditional call (the pipeline passes
+            # it to the denoiser, not to the guider). First positional argument, or sample= / hidden_states=.
+            def capture(module, args, kwargs):
+                x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states", kwargs.get("x")))
+                self._skip.sample = x
+
+            self._remove_capture()
+            self._capture_hook = denoiser.register_forward_pre_hook(capture, with_kwargs=True)
         idx = self._partial()
         if idx is not None and not self.is_conditional and isinstance(denoiser, torch.nn.Module):
             # The unconditional batch of a partly switched step: the pipeline passes its own inputs (latents,
@@ -250,7 +267,13 @@ class _Skipping(_PolicyArgs):
 
     def cleanup_models(self, denoiser):
         self._remove_hook()
+        self._remove_capture()
         super().cleanup_models(denoiser)
+
+    def _remove_capture(self):
+        if getattr(self, "_capture_hook", None) is not None:
+            self._capture_hook.remove()
+            self._capture_hook = None
 
     def _remove_hook(self):
         if getattr(self, "_rows_hook", None) is not None:
@@ -283,6 +306,13 @@ class _Skipping(_PolicyArgs):
         if got != expected:  # checked before any state changes
             raise ValueError(f"{where}: step {skip.step} expects an unconditional prediction of {expected} rows, "
                              f"got {got}")
+        if (skip.adaptive is not None and skip.adaptive.space == "x0" and expected and self._ag_observes()
+                and (not isinstance(skip.sample, torch.Tensor) or skip.sample.shape != pred_cond.shape)):
+            x = skip.sample
+            raise ValueError(f"{where}: AG(space='x0') needs the denoiser's input sample of the conditional branch "
+                             f"(shape {tuple(pred_cond.shape)}), got {None if x is None else tuple(getattr(x, 'shape', ()))}; "
+                             f"run the denoiser between guider.prepare_models / cleanup_models, or use "
+                             f"AG(space='prediction')")
         report = skip.report
         report.nfe += batch + got
         if not guided_step:
@@ -310,7 +340,14 @@ class _Skipping(_PolicyArgs):
                 pred = self._unguided(pred_cond).clone().index_copy_(0, idx, guided)
                 report.nfe_skipped += batch - len(rows)
             if skip.adaptive is not None and self._ag_observes():
-                cos = ops.guidance_stats(cond_rows, guided, guided).cos_cond_guided.tolist()  # the policy's sync
+                a, b = cond_rows, guided
+                if skip.adaptive.space == "x0":
+                    x = skip.sample
+                    if idx is not None:
+                        x = x.index_select(0, idx)
+                    a = skip.schedule.x0(x, cond_rows, self._timestep)
+                    b = skip.schedule.x0(x, guided, self._timestep)
+                cos = ops.guidance_stats(a, b, b).cos_cond_guided.tolist()  # the policy's sync
                 skip.observe(range(batch) if rows is None else rows, cos)
             skip.history = (pred_cond, pred_uncond) if skip.linear_ag is not None else None
         skip.in_step = False

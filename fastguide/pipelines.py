@@ -30,12 +30,21 @@ class AG:
     stop evaluating its unconditional branch and run conditional-only steps for the rest of the trajectory.
     The cosine comes from the fused `guidance_stats` (one pass, on device); the policy reads it once per
     step (a host sync of B floats). threshold > 1 never switches (plain CFG); -1 switches after the first
-    guided step. The default 0.991 is a starting point: tune it per model and scale."""
+    guided step. The default 0.991 is a starting point: tune it per model and scale.
+
+    space: where the cosine is measured. "prediction": the denoiser's outputs as they are (epsilon, v or
+    flow velocity). "x0": the clean-image estimates x0(cond) and x0(guided) the scheduler would form from
+    them (needs the denoiser input and the noise schedule: guiders take scheduler=pipe.scheduler). On the
+    lab's trained epsilon model (fastguide.lab) the epsilon cosine is not monotone along the trajectory
+    (it is highest at the first step), while the x0 cosine rises steadily to 1 as the paper assumes."""
     threshold: float = 0.991
+    space: str = "prediction"
 
     def __post_init__(self):
         if not isinstance(self.threshold, (int, float)) or not math.isfinite(self.threshold):
             raise ValueError(f"fastguide.AG: threshold must be a finite float, got {self.threshold!r}")
+        if self.space not in ("prediction", "x0"):
+            raise ValueError(f"fastguide.AG: space must be 'prediction' or 'x0', got {self.space!r}")
 
 
 @dataclass(frozen=True)

@@ -91,6 +91,7 @@ class NoiseSchedule:
                                 f"alphas_cumprod; cannot map its timesteps to sigmas for interval")
             ac = ac.double()
             self._sigmas = ((1 - ac) / ac).sqrt()
+        self.prediction_type = cfg.get("prediction_type", "epsilon") or "epsilon"
         self.class_name = type(scheduler).__name__
         self.config = {k: _jsonable(v) for k, v in cfg.items() if not k.startswith("_")}
 
@@ -104,6 +105,23 @@ class NoiseSchedule:
         hi = min(lo + 1, n - 1)
         w = t - lo
         return float((1 - w) * self._sigmas[lo] + w * self._sigmas[hi])
+
+    def x0(self, sample, pred, timestep):
+        """The clean-image estimate from the denoiser's input `sample` (what the model sees: x_t for DDPM-family
+        schedulers, i.e. the scaled model input of Euler-type ones) and its prediction, by prediction type:
+        epsilon: (x - sqrt(1-a) eps) / sqrt(a); v: sqrt(a) x - sqrt(1-a) v; sample: pred; flow: x - sigma v.
+        In float32 at least (AG's cosine of two such estimates)."""
+        x, p = sample.float() if sample.dtype in (torch.float16, torch.bfloat16) else sample, pred
+        p = p.float() if p.dtype in (torch.float16, torch.bfloat16) else p
+        if self.flow:
+            return x - self.sigma(timestep) * p
+        s = self.sigma(timestep)             # VP sigma = sqrt((1 - a) / a)
+        if self.prediction_type == "sample":
+            return p
+        if self.prediction_type == "v_prediction":
+            c = (1.0 + s * s) ** -0.5        # sqrt(a)
+            return c * x - (s * c) * p
+        return (1.0 + s * s) ** 0.5 * x - s * p
 
     def to_json(self):
         return {"class_name": self.class_name, "config": self.config}
@@ -148,6 +166,7 @@ class SkipPolicy:
         self.step = None
         self.sigma = None
         self.in_step = False  # between start_step and the guider call of that step
+        self.sample = None    # AG in x0 space: this step's denoiser input (conditional branch)
 
     def start_step(self, step, num_inference_steps, timestep, where):
         # Everything that can fail is checked before any state changes.
@@ -168,7 +187,7 @@ class SkipPolicy:
                              f"unconditional prediction was not evaluated")
         if new_run:
             self.done, self.history, self.report = None, None, Report()
-        self.step, self.sigma = step, sigma
+        self.step, self.sigma, self.sample = step, sigma, None
         self.report.steps = step + 1
         if self.interval is not None and not self.interval[0] <= sigma <= self.interval[1]:
             self.rows = []

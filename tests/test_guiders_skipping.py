@@ -304,3 +304,62 @@ def test_guider_from_takes_a_policy_and_leaves_the_original_alone():
     assert dict(theirs.config) == before and not hasattr(theirs, "_skip")
     with pytest.raises(ValueError, match="cannot do"):
         fd.guider_from(dg.PerturbedAttentionGuidance(perturbed_guidance_layers=[0]), adaptive=fastguide.AG(0.9))
+
+
+# --- AG in x0 space ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_noise_schedule_x0_equals_the_schedulers_own_estimate(prediction_type):
+    from diffusers import DDIMScheduler
+    sch = DDIMScheduler(prediction_type=prediction_type, beta_schedule="squaredcos_cap_v2", clip_sample=False)
+    sch.set_timesteps(10)
+    sched = NoiseSchedule(sch)
+    g = torch.Generator().manual_seed(0)
+    x, pred = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+    for t in sch.timesteps[:-1]:
+        theirs = sch.step(pred, t, x).pred_original_sample
+        torch.testing.assert_close(sched.x0(x, pred, t), theirs, atol=2e-4, rtol=1e-4)
+
+
+def test_noise_schedule_x0_of_flow_matching():
+    sch = FlowMatchEulerDiscreteScheduler()
+    sched = NoiseSchedule(sch)
+    x, v = torch.randn(2, 4), torch.randn(2, 4)
+    torch.testing.assert_close(sched.x0(x, v, torch.tensor(250.0)), x - 0.25 * v)
+
+
+def test_ag_in_x0_space_needs_the_scheduler_and_switches_on_the_x0_cosine():
+    with pytest.raises(ValueError, match=r"space='x0'.*scheduler=pipe.scheduler"):
+        fd.ClassifierFreeGuidance(guidance_scale=3.0, adaptive=fastguide.AG(0.9, space="x0"))
+    with pytest.raises(ValueError, match="space must be"):
+        fastguide.AG(0.9, space="eps")
+    sch = EulerDiscreteScheduler()
+    sched = NoiseSchedule(sch)
+    cond, uncond, lat = _inputs()
+    # The threshold between the x0 and the prediction cosines of step 0: the two spaces must decide differently.
+    den = RowDenoiser()
+    t0 = torch.tensor(float(TIMESTEPS[0]))
+    c, u = den(lat, t0, emb=cond), den(lat, t0, emb=uncond)
+    g = fastguide.cfg(c, u, 3.0)
+    cos_pred = fastguide.guidance_stats(c, g, g).cos_cond_guided
+    cos_x0 = fastguide.guidance_stats(sched.x0(lat, c, t0), sched.x0(lat, g, t0), sched.x0(lat, g, t0)).cos_cond_guided
+    lo, hi = sorted([cos_pred.min().item(), cos_x0.max().item()])
+    assert lo < hi
+    threshold = (lo + hi) / 2
+    guider = fd.ClassifierFreeGuidance(guidance_scale=3.0, adaptive=fastguide.AG(threshold, space="x0"), scheduler=sch)
+    protocol_run(guider, cond, uncond, lat)
+    switched_x0 = guider.report.ag_switch_step
+    guider = fd.ClassifierFreeGuidance(guidance_scale=3.0, adaptive=fastguide.AG(threshold, space="prediction"))
+    protocol_run(guider, cond, uncond, lat)
+    expect_x0 = [0 if v > threshold else None for v in cos_x0.tolist()]
+    expect_pred = [0 if v > threshold else None for v in cos_pred.tolist()]
+    assert [s == 0 for s in switched_x0] == [e == 0 for e in expect_x0]
+    assert [s == 0 for s in guider.report.ag_switch_step] == [e == 0 for e in expect_pred]
+    assert expect_x0 != expect_pred
+
+
+def test_ag_space_survives_save_and_load(tmp_path):
+    guider = fd.ClassifierFreeGuidance(guidance_scale=3.0, adaptive=fastguide.AG(0.97, space="x0"),
+                                       scheduler=EulerDiscreteScheduler())
+    guider.save_pretrained(tmp_path)
+    again = fd.ClassifierFreeGuidance.from_pretrained(tmp_path)
+    assert again._skip.adaptive == fastguide.AG(0.97, space="x0")

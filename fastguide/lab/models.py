@@ -1,0 +1,81 @@
+"""The lab's three models: the class-conditional diffusion UNet, a noise-conditional classifier
+p(y | x_t, t) for classifier guidance, and the evaluation classifier on clean digits.
+
+Configurations are fixed here (the weights files hold tensors only, in safetensors); `WEIGHTS` names
+the files that `python -m fastguide.lab train` writes into fastguide/lab/weights/.
+"""
+import math
+import os
+
+import torch
+from torch import nn
+
+from . import data
+
+WEIGHTS_DIR = os.path.join(os.path.dirname(__file__), "weights")
+WEIGHTS = {
+    "unet": "digits_unet.safetensors",              # EMA weights after the full schedule
+    "unet_early": "digits_unet_early.safetensors",  # a weaker early checkpoint: accuracy still has room to move
+    "noisy_classifier": "noisy_classifier.safetensors",
+    "eval_classifier": "eval_classifier.safetensors",
+}
+TRAIN_COMMAND = "python -m fastguide.lab train"
+
+# UNet2DModel at 8x8: two resolutions (8, 4), self-attention at 4x4 and in the mid block (so PAG / SEG-style
+# attention guidance applies), 11 class embeddings (10 digits + the null class of condition dropout).
+UNET_CONFIG = dict(
+    sample_size=data.SIZE, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(32, 64),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    norm_num_groups=8, attention_head_dim=16, num_class_embeds=data.NUM_CLASSES + 1)
+
+SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False,
+                        prediction_type="epsilon")
+
+
+def make_unet():
+    from diffusers import UNet2DModel
+    return UNet2DModel(**UNET_CONFIG)
+
+
+def timestep_embedding(t, dim=64):
+    """Sinusoidal embedding of (float) timesteps 0..999, [B] -> [B, dim]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+
+
+class NoisyClassifier(nn.Module):
+    """p(y | x_t, t): logits over the 10 digits from a noisy image and its timestep. Small (an MLP on the
+    64 pixels and a timestep embedding): differentiable in x_t for classifier guidance, cheap to call."""
+
+    def __init__(self, hidden=256):
+        super().__init__()
+        n = data.SIZE * data.SIZE
+        self.time = nn.Sequential(nn.Linear(64, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.inp = nn.Linear(n, hidden)
+        self.body = nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                                  nn.Linear(hidden, data.NUM_CLASSES))
+
+    def forward(self, x, t):
+        t = torch.as_tensor(t, device=x.device)
+        if t.dim() == 0:
+            t = t.expand(x.shape[0])
+        return self.body(self.inp(x.flatten(1)) + self.time(timestep_embedding(t)))
+
+
+class EvalClassifier(nn.Module):
+    """The evaluation classifier on clean digits (sklearn pixel scale 0..16): a one-hidden-layer MLP trained
+    by scikit-learn (`MLPClassifier`), its weights copied here so evaluation runs in torch. `features`
+    (the hidden ReLU activations) are the space of the Fréchet distance."""
+
+    def __init__(self, hidden=64):
+        super().__init__()
+        self.hidden = nn.Linear(data.SIZE * data.SIZE, hidden)
+        self.out = nn.Linear(hidden, data.NUM_CLASSES)
+
+    def features(self, pixels):
+        return torch.relu(self.hidden(pixels.flatten(1)))
+
+    def forward(self, pixels):
+        return self.out(self.features(pixels))

@@ -1,0 +1,204 @@
+"""`fastguide lab`: every guidance method fastguide has, over a scale sweep, on the shipped digits model.
+
+For each (method, scale) the same initial noise and the same balanced labels (every digit equally often)
+are sampled with the lab pipeline; samples are scored by the evaluation classifier (accuracy), the
+Fréchet distance to held-out real digits in its feature space (FD: quality and diversity; lower is
+better), saturation (pixels outside [-1, 1] before clipping) and contrast; NFEs count denoiser rows
+per sample. Prints a table, writes a CSV (--csv) and a PNG (--plot: sample grids and metric curves).
+"""
+import argparse
+import csv
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from . import data
+
+EPILOG = """examples:
+  fastguide lab --quick                       a few minutes: 200 samples per point, fewer scales
+  fastguide lab --methods cfg,apg --csv lab.csv --plot lab.png
+  python -m fastguide.lab train               reproduce the shipped weights from seed"""
+
+
+def _pag_config():
+    from diffusers.hooks import LayerSkipConfig
+    # the 4x4 mid-block self-attention: PAG replaces its attention map by the identity
+    return LayerSkipConfig(indices=[0], fqn="mid_block.attentions", skip_attention_scores=True)
+
+
+def _methods(scheduler=None):
+    """name -> (guider factory f(scale), default scales). The guiders are fastguide.diffusers twins of
+    diffusers' guiders, i.e. what a user runs in a modular pipeline; the whole-pass savers (AG, interval,
+    guiding only the first steps) are CFG guiders with a policy. `scheduler`: the pipeline's (sigmas)."""
+    from .. import diffusers as fg
+    from ..pipelines import AG
+    if scheduler is None:
+        from . import _default_scheduler
+        scheduler = _default_scheduler()
+    cfg = fg.ClassifierFreeGuidance
+    return {
+        "cfg": (lambda s: fg.ClassifierFreeGuidance(guidance_scale=s), (1.0, 2.0, 3.0, 5.0, 8.0)),
+        "cfg_rescale": (lambda s: fg.ClassifierFreeGuidance(guidance_scale=s, guidance_rescale=0.7), (3.0, 8.0)),
+        "apg": (lambda s: fg.AdaptiveProjectedGuidance(guidance_scale=s, eta=0.0, adaptive_projected_guidance_rescale=2.0,
+                                                       adaptive_projected_guidance_momentum=-0.5), (3.0, 8.0)),
+        "cfg_zero_star": (lambda s: fg.ClassifierFreeZeroStarGuidance(guidance_scale=s, zero_init_steps=1), (3.0, 8.0)),
+        "pag": (lambda s: fg.PerturbedAttentionGuidance(guidance_scale=s, perturbed_guidance_scale=3.0,
+                                                        perturbed_guidance_config=_pag_config()), (1.0, 3.0)),
+        "fdg": (lambda s: fg.FrequencyDecoupledGuidance(guidance_scales=[s, max(s / 2, 1.0)], parallel_weights=[1.0, 1.0]),
+                (3.0, 8.0)),
+        # Adaptive Guidance with its defaults (cosine of the x0 estimates), and in the prediction (epsilon) space
+        "ag": (lambda s: cfg(guidance_scale=s, adaptive=AG(), scheduler=scheduler), (3.0, 5.0, 8.0)),
+        "ag_prediction": (lambda s: cfg(guidance_scale=s, adaptive=AG(0.99, space="prediction")), (3.0, 8.0)),
+        # fixed baselines AG must beat: guidance limited to a sigma interval; guidance on the first 5 of 20 steps
+        "interval": (lambda s: cfg(guidance_scale=s, interval=(0.15, 1.5), scheduler=scheduler), (3.0, 5.0, 8.0)),
+        "first_steps": (lambda s: cfg(guidance_scale=s, start=0.0, stop=0.25), (3.0, 5.0, 8.0)),
+    }
+
+
+@dataclass
+class Row:
+    method: str
+    scale: float
+    accuracy: float
+    fd: float
+    out_of_range: float
+    contrast: float
+    nfe: float          # denoiser rows per sample
+    seconds: float
+    n: int
+
+
+def labels_for(n):
+    """n labels, every digit equally often (n a multiple of 10 gives an exactly balanced set)."""
+    return torch.arange(n) % data.NUM_CLASSES
+
+
+def run_point(pipe, evaluator, guider, labels, steps, seed, batch=500):
+    """Sample len(labels) images with `guider` (same noise for every method: seeded per batch), score them."""
+    xs, nfe, t0 = [], 0, time.time()
+    for k, start in enumerate(range(0, len(labels), batch)):
+        lab = labels[start:start + batch]
+        g = torch.Generator().manual_seed(seed + k)
+        out = pipe(class_labels=lab, num_inference_steps=steps, generator=g, guider=guider, output_type="latent")
+        xs.append(out.images)
+        nfe += out.nfe
+    x = torch.cat(xs)
+    return x, evaluator(x, labels), nfe / len(labels), time.time() - t0
+
+
+def sweep(methods, n, steps, seed=0, scales=None, progress=print):
+    from . import evaluator, pipeline
+    pipe, ev = pipeline(), evaluator()
+    table = _methods(pipe.scheduler)
+    labels = labels_for(n)
+    rows, grids = [], {}
+    for name in methods:
+        make, default_scales = table[name]
+        for s in (scales or default_scales):
+            x, sc, nfe, sec = run_point(pipe, ev, make(float(s)), labels, steps, seed)
+            rows.append(Row(name, float(s), sc.accuracy, sc.fd, sc.out_of_range, sc.contrast, nfe, sec, sc.n))
+            grids[(name, float(s))] = x[:20]
+            progress(_fmt(rows[-1]))
+    return rows, grids
+
+
+HEADER = f"{'method':<14} {'scale':>5} {'acc':>6} {'FD':>7} {'sat':>6} {'contr':>6} {'NFE':>5} {'sec':>6}"
+
+
+def _fmt(r):
+    return (f"{r.method:<14} {r.scale:>5.1f} {r.accuracy:>6.3f} {r.fd:>7.3f} {r.out_of_range:>6.3f} {r.contrast:>6.3f} "
+            f"{r.nfe:>5.1f} {r.seconds:>6.1f}")
+
+
+def write_csv(rows, path):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
+        w.writeheader()
+        for r in rows:
+            w.writerow(asdict(r))
+
+
+def plot(rows, grids, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    methods = list(dict.fromkeys(r.method for r in rows))
+    fig = plt.figure(figsize=(14, 4 + 1.2 * len(grids) / 4))
+    metrics = [("accuracy", "accuracy"), ("fd", "Fréchet distance"), ("out_of_range", "saturation")]
+    for i, (key, title) in enumerate(metrics):
+        ax = fig.add_subplot(2, 4, i + 1)
+        for m in methods:
+            pts = [(r.scale, getattr(r, key)) for r in rows if r.method == m]
+            ax.plot(*zip(*pts), marker="o", label=m)
+        ax.set_title(f"{title} vs scale")
+        ax.set_xlabel("scale")
+    ax = fig.add_subplot(2, 4, 4)
+    for m in methods:
+        ax.scatter([r.nfe for r in rows if r.method == m], [r.fd for r in rows if r.method == m], label=m)
+    ax.set_title("FD vs NFE per sample")
+    ax.legend(fontsize=6)
+    # sample grids: 20 samples (digits 0..9 twice) per (method, scale), one row each
+    keys = list(grids)
+    ax = fig.add_subplot(2, 1, 2)
+    rows_img = [torch.cat([(grids[k][j, 0].clamp(-1, 1) + 1) / 2 for j in range(len(grids[k]))], dim=1) for k in keys]
+    ax.imshow(torch.cat(rows_img, dim=0).numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_yticks([data.SIZE * (i + 0.5) for i in range(len(keys))])
+    ax.set_yticklabels([f"{m} {s:g}" for m, s in keys], fontsize=6)
+    ax.set_xticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def add_arguments(p):
+    p.add_argument("--quick", action="store_true", help="200 samples per point instead of 1000 (a few minutes)")
+    p.add_argument("--samples", type=int, default=None, help="samples per (method, scale) point")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20, DDIM)")
+    p.add_argument("--methods", default=None, help="comma-separated subset (default: all)")
+    p.add_argument("--scales", default=None, help="comma-separated scales for every method (default: per method)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--csv", metavar="PATH", help="write the rows as CSV")
+    p.add_argument("--plot", metavar="PATH", help="write sample grids and metric curves as PNG (needs matplotlib)")
+    return p
+
+
+def run(a, parser):
+    table = _methods()
+    methods = a.methods.split(",") if a.methods else list(table)
+    unknown = [m for m in methods if m not in table]
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; known: {','.join(table)}")
+    try:
+        scales = [float(s) for s in a.scales.split(",")] if a.scales else None
+    except ValueError:
+        parser.error(f"--scales: expected comma-separated numbers, got {a.scales!r}")
+    needed = {"diffusers": "diffusers", "sklearn": "scikit-learn", "safetensors": "safetensors"}
+    if a.plot:
+        needed["matplotlib"] = "matplotlib"
+    for module, package in needed.items():
+        try:
+            __import__(module)
+        except ImportError:
+            parser.error(f"the lab needs {package}: pip install 'fastguide[lab]' (or pip install {package})")
+    n = a.samples or (200 if a.quick else 1000)
+    print(HEADER)
+    rows, grids = sweep(methods, n, a.steps, a.seed, scales)
+    if a.csv:
+        write_csv(rows, a.csv)
+        print(f"wrote {a.csv}")
+    if a.plot:
+        plot(rows, grids, a.plot)
+        print(f"wrote {a.plot}")
+    return 0
+
+
+def main(argv=None):
+    p = add_arguments(argparse.ArgumentParser(prog="fastguide lab", description=__doc__, epilog=EPILOG,
+                                              formatter_class=argparse.RawDescriptionHelpFormatter))
+    return run(p.parse_args(argv), p)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

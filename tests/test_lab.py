@@ -1,0 +1,145 @@
+"""The lab: the shipped digits model, its pipeline (diffusers' guider protocol), its metrics, its command
+line, and the papers' claims measured on it (fixed seeds, enough samples to be stable; margins in the
+comments are what was measured when the claims were written)."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+pytest.importorskip("sklearn", reason="the lab needs scikit-learn (pip install 'fastguide[lab]')")
+
+from fastguide import lab  # noqa: E402
+from fastguide import diffusers as fg  # noqa: E402
+from fastguide.lab import data, metrics, models, run  # noqa: E402
+
+STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return lab.pipeline()
+
+
+@pytest.fixture(scope="module")
+def ev():
+    return lab.evaluator()
+
+
+def sample(pipe, guider, labels, seed=0, steps=STEPS):
+    return pipe(class_labels=labels, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
+                guider=guider, output_type="latent")
+
+
+# --- data, weights, errors -------------------------------------------------------------------------------
+def test_split_is_fixed_stratified_and_disjoint():
+    x_tr, y_tr = data.load("train")
+    x_ho, y_ho = data.load("heldout")
+    assert x_tr.shape[1:] == (1, 8, 8) and len(x_ho) == data.HELDOUT and len(x_tr) + len(x_ho) == 1797
+    assert x_tr.min() >= -1 and x_tr.max() <= 1
+    assert torch.bincount(y_ho).min() >= 29  # stratified: every digit ~30 times in the held-out 300
+    flat_tr = {tuple(r) for r in x_tr.flatten(1).tolist()}
+    assert sum(tuple(r) in flat_tr for r in x_ho.flatten(1).tolist()) <= 3  # sklearn's digits hold a few duplicates
+    with pytest.raises(ValueError, match="split must be"):
+        data.load("test")
+
+
+def test_shipped_weights_are_small_and_load():
+    total = sum(os.path.getsize(os.path.join(models.WEIGHTS_DIR, f)) for f in models.WEIGHTS.values())
+    assert total < 8e6, total
+    unet = lab.load("unet", models.make_unet())
+    assert not any(p.requires_grad for p in unet.parameters())
+
+
+def test_missing_weights_name_the_file_and_the_train_command(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"digits_unet\.safetensors.*python -m fastguide\.lab train"):
+        lab.pipeline(weights_dir=str(tmp_path))
+
+
+def test_corrupted_weights_name_the_file_and_the_train_command(tmp_path):
+    for name in models.WEIGHTS.values():
+        shutil.copy(os.path.join(models.WEIGHTS_DIR, name), tmp_path / name)
+    (tmp_path / models.WEIGHTS["eval_classifier"]).write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(RuntimeError, match=r"eval_classifier\.safetensors.*python -m fastguide\.lab train"):
+        lab.evaluator(weights_dir=str(tmp_path))
+
+
+def test_train_command_reproduces_loadable_weights_quickly(tmp_path):
+    from fastguide.lab.__main__ import main
+    assert main(["train", "--out", str(tmp_path), "--steps", "3", "--early-steps", "2", "--classifier-steps", "3"]) == 0
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    assert summary["unet_steps"] == 3 and summary["eval_classifier_heldout_accuracy"] > 0.9
+    lab.pipeline(weights_dir=str(tmp_path))
+    lab.noisy_classifier(weights_dir=str(tmp_path))
+
+
+def test_frechet_distance_matches_closed_form():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4000, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(4000, 3, generator=g, dtype=torch.float64) * 2 + 1
+    # N(0, I) vs N(1, 4I) in 3 dims: |mu|^2 = 3, trace term 3 * (1 + 4 - 2 * 2) = 3
+    assert metrics.frechet_distance(a, b) == pytest.approx(6.0, rel=0.1)
+    assert metrics.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
+
+
+# --- the pipeline ----------------------------------------------------------------------------------------
+def test_pipeline_output_and_nfe(pipe):
+    out = pipe(class_labels=[3, 7], guidance_scale=3.0, num_inference_steps=5, generator=torch.Generator().manual_seed(0))
+    assert out.images.shape == (2, 1, 8, 8) and out.images.min() >= 0 and out.images.max() <= 1
+    assert out.nfe == 2 * 2 * 5  # cond + uncond rows, every step
+    with pytest.raises(ValueError, match="class_labels"):
+        pipe(class_labels=[11])
+    with pytest.raises(ValueError, match="output_type"):
+        pipe(class_labels=[1], output_type="pil")
+    with pytest.raises(TypeError, match="guider"):
+        pipe(class_labels=[1], guider="cfg")
+
+
+def test_batched_branches_equal_one_forward_per_branch(pipe):
+    """Hook-free branches run as one forward of the concatenated batch; a guider with model hooks (PAG) runs
+    one forward per branch. With PAG's perturbed scale at 0 both routes must give CFG's samples."""
+    labels = [0, 1, 2, 3]
+    cfg = sample(pipe, fg.ClassifierFreeGuidance(guidance_scale=3.0), labels, steps=6)
+    pag0 = sample(pipe, fg.PerturbedAttentionGuidance(guidance_scale=3.0, perturbed_guidance_scale=0.0,
+                                                      perturbed_guidance_config=run._pag_config()), labels, steps=6)
+    assert cfg.nfe == 4 * 2 * 6
+    torch.testing.assert_close(pag0.images, cfg.images, atol=1e-4, rtol=1e-4)
+
+
+def test_guidance_scale_overrides_a_copy_of_the_guider(pipe):
+    guider = fg.ClassifierFreeGuidance(guidance_scale=7.0)
+    a = pipe(class_labels=[5], guidance_scale=2.0, num_inference_steps=4, generator=torch.Generator().manual_seed(0),
+             guider=guider, output_type="latent").images
+    b = sample(pipe, fg.ClassifierFreeGuidance(guidance_scale=2.0), [5], steps=4).images
+    assert guider.guidance_scale == 7.0
+    torch.testing.assert_close(a, b)
+
+
+def test_pipeline_round_trips_through_save_pretrained(pipe, tmp_path):
+    from fastguide.lab.pipeline import DigitsPipeline
+    pipe.save_pretrained(tmp_path)
+    again = DigitsPipeline.from_pretrained(tmp_path)
+    a = sample(pipe, None, [4, 2], steps=3).images
+    b = sample(again, None, [4, 2], steps=3).images
+    torch.testing.assert_close(a, b)
+
+
+# --- the command line ------------------------------------------------------------------------------------
+def test_lab_command_writes_table_csv_and_plot(tmp_path, capsys):
+    from fastguide.__main__ import main
+    csv_path, png = tmp_path / "lab.csv", tmp_path / "lab.png"
+    assert main(["lab", "--methods", "cfg,apg", "--scales", "1,3", "--samples", "20", "--steps", "4",
+                 "--csv", str(csv_path), "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "method" in out and out.count("\ncfg ") + out.count("\napg ") == 4
+    rows = csv_path.read_text().splitlines()
+    assert rows[0].startswith("method,scale,accuracy,fd") and len(rows) == 5
+    assert png.stat().st_size > 10_000
+
+
+def test_lab_command_bad_usage_exits_2(capsys):
+    from fastguide.__main__ import main
+    with pytest.raises(SystemExit) as e:
+        main(["lab", "--methods", "cfg,nope"])
+    assert e.value.code == 2 and "nope" in capsys.readouterr().err
