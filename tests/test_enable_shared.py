@@ -82,6 +82,7 @@ def test_two_enabled_pipelines_called_from_two_threads():
 
 def test_from_pipe_of_an_enabled_pipeline_runs_stock():
     pipe = fastguide.enable(make_sd(), guidance="cfg", scale=9.0)
+    assert_close(run(pipe, "sd", scale=3.0), alone("cfg", scale=9.0))  # it has run: the old wrapper was live
     stock = run(make_sd(), "sd", scale=3.0)
     for new in (StableDiffusionPipeline.from_pipe(pipe), type(pipe).from_pipe(pipe)):
         assert new.unet is pipe.unet and not fastguide.pipelines.is_enabled(new)
@@ -99,6 +100,7 @@ def test_modular_pipeline_from_enabled_components_runs_stock():
         with torch.no_grad():
             return m(**inputs("sdxl"), num_inference_steps=STEPS, height=16, width=16, output="latents")
     enabled = fastguide.enable(make_sdxl(), guidance="apg", norm_threshold=1.0)
+    run(enabled, "sdxl")  # it has run: the old wrapper was live
     exact(modular(enabled), modular(make_sdxl()))  # before: IndexError in the split of a B-row batch
 
 
