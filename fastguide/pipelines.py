@@ -13,7 +13,8 @@ the extra rows only during the calls of pipelines that asked for it.
 
 Supported (and subclasses): StableDiffusion{,Img2Img,Inpaint}Pipeline, StableDiffusionXL{,Img2Img,Inpaint}
 Pipeline, StableDiffusion3Pipeline (true CFG; skip_guidance_layers keeps working), StableDiffusionPAGPipeline
-and StableDiffusionXLPAGPipeline (their own PAG fused with guidance="cfg"). `enable` on an enabled pipeline
+and StableDiffusionXLPAGPipeline (their own PAG fused with guidance="cfg"), PixArtSigmaPipeline (learned-sigma
+channels left out of the guidance, as the pipeline drops them). `enable` on an enabled pipeline
 replaces its settings; `disable` restores the class, and the denoiser once no enabled pipeline uses it.
 Pass guidance_rescale=0 to the pipeline call and `rescale=` here (the pipeline's own rescale would
 act on [g, g] and is the identity up to rounding).
@@ -119,23 +120,30 @@ _ACTIVE = contextvars.ContextVar("fastguide_active_pipeline", default=None)
 
 
 # --- which pipelines, and how their denoiser calls lay out the batch ----------------------------------
-def _cfg_layout(pipe, bound):
-    """[uncond, cond] when the pipeline runs CFG, else None (the call passes through)."""
-    return "cfg" if pipe.do_classifier_free_guidance else None
+# A layout reads the running call (the pipeline, its call arguments, the denoiser call's bound arguments)
+# and says how the denoiser batch is laid out: "cfg" [uncond, cond], "pag" [uncond, cond, perturbed],
+# "slg" (SD3's conditional-only skip-layer call) or None (no guidance in this call: pass through).
+def _cfg_layout(state, bound):
+    return "cfg" if state.pipe.do_classifier_free_guidance else None
 
 
-def _sd3_layout(pipe, bound):
+def _call_scale_layout(state, bound):
+    """PixArt decides CFG from the call's guidance_scale (a local of its __call__, no pipeline property)."""
+    return "cfg" if state.call["guidance_scale"] > 1 else None
+
+
+def _sd3_layout(state, bound):
     """SD3: the CFG call, then (with skip_guidance_layers) a conditional-only call with `skip_layers`."""
-    if not pipe.do_classifier_free_guidance:
+    if not state.pipe.do_classifier_free_guidance:
         return None
     return "slg" if bound.arguments.get("skip_layers") is not None else "cfg"
 
 
-def _pag_layout(pipe, bound):
+def _pag_layout(state, bound):
     """diffusers' PAG pipelines: [uncond, cond, perturbed] while their own PAG is on, else plain CFG."""
-    if not pipe.do_classifier_free_guidance:
+    if not state.pipe.do_classifier_free_guidance:
         return None
-    return "pag" if pipe.do_perturbed_attention_guidance else "cfg"
+    return "pag" if state.pipe.do_perturbed_attention_guidance else "cfg"
 
 
 _PATTERNS = None
@@ -156,7 +164,8 @@ def _patterns():
             ("StableDiffusionXLInpaintPipeline", "unet", _cfg_layout),
             ("StableDiffusion3Pipeline", "transformer", _sd3_layout),
             ("StableDiffusionPAGPipeline", "unet", _pag_layout),
-            ("StableDiffusionXLPAGPipeline", "unet", _pag_layout))]
+            ("StableDiffusionXLPAGPipeline", "unet", _pag_layout),
+            ("PixArtSigmaPipeline", "transformer", _call_scale_layout))]
     return _PATTERNS
 
 
@@ -322,17 +331,22 @@ class _Guidance:
         self.last = None        # this step's (cond, guided), for SD3's skip-layer term
         self.state = self.method.new_state(self.params) if self.method.new_state is not None else None
         self.hook, self.attr = None, None  # set by enable
+        self.call = None                    # the running pipeline call's arguments
+        # PixArt's learned sigma: the denoiser outputs [prediction, sigma] channels and the pipeline drops the
+        # sigma half after CFG, so only the first `pred_channels` are guided (norms and spectra included).
+        self.pred_channels = None
         self.pag_layers = frozenset()       # names of the layers fastguide's own PAG perturbs
 
     def begin(self, call):
         """An enabled pipeline call starts (`call`: its bound arguments): check it against the settings, then
         start a new trajectory. Runs before the pipeline does any work."""
         name = type(self.pipe).__name__
+        call.apply_defaults()
+        self.call = call.arguments
         if _unwrap(getattr(self.pipe, self.attr, None)) is not self.hook.module:
             raise RuntimeError(f"fastguide: {name}.{self.attr} was replaced after fastguide.enable; call "
                                f"fastguide.enable(pipe, ...) again so the new {self.attr} is guided")
         if self.layout is _pag_layout:
-            call.apply_defaults()
             pag_scale = call.arguments.get("pag_scale", 0.0)
             if (pag_scale > 0 and self.pipe.pag_applied_layers
                     and (self.guidance != "cfg" or self.adaptive or self.interval or self.linear_ag)):
@@ -356,8 +370,9 @@ class _Guidance:
         """A scale setting: None follows the pipeline call's guidance_scale; a callable is a per-step schedule
         `f(step, timestep) -> float or tensor` (a tensor scale changes per step without recompiling)."""
         value = self.params[name]
-        if value is None:
-            return float(self.pipe.guidance_scale)
+        if value is None:  # the pipeline's property when it has one: step callbacks may change it mid-call
+            has_property = isinstance(getattr(type(self.pipe), "guidance_scale", None), property)
+            return float(self.pipe.guidance_scale if has_property else self.call["guidance_scale"])
         return value(self.step, self.last_t) if callable(value) else value
 
     def _new_step(self, timestep):
@@ -385,6 +400,13 @@ class _Guidance:
 
     def guide(self, cond, uncond, perturbed):
         """The method's combine on this step's predictions, its scales resolved for this step."""
+        c = self.pred_channels
+        if c is not None:
+            part = lambda x: x[:, :c].contiguous() if x is not None else None  # noqa: E731
+            return torch.cat([self._combine(part(cond), part(uncond), part(perturbed)), cond[:, c:]], dim=1)
+        return self._combine(cond, uncond, perturbed)
+
+    def _combine(self, cond, uncond, perturbed):
         p = dict(self.params)
         for name in self.method.scale_params:
             p[name] = self._scale(name)
@@ -398,7 +420,7 @@ class _Guidance:
 
     def __call__(self, forward, args, kwargs):
         bound = self.hook.signature.bind(*args, **kwargs)
-        layout = self.layout(self.pipe, bound)
+        layout = self.layout(self, bound)
         if layout is None:
             return forward(*args, **kwargs)
         if layout == "slg":
@@ -497,7 +519,10 @@ class _Guidance:
             gidx = torch.tensor(guided, device=pred.device)
             g = self.guide(cond.index_select(0, gidx), pred[:n], None)
             if self.adaptive is not None:
-                cos = ops.guidance_stats(cond.index_select(0, gidx), g, g).cos_cond_guided.tolist()  # the policy's sync
+                c_sel, g_sel = cond.index_select(0, gidx), g
+                if self.pred_channels is not None:
+                    c_sel, g_sel = c_sel[:, :self.pred_channels].contiguous(), g[:, :self.pred_channels].contiguous()
+                cos = ops.guidance_stats(c_sel, g_sel, g_sel).cos_cond_guided.tolist()  # the policy's sync
                 for i, c in zip(guided, cos):
                     if c > self.adaptive.threshold and not self.done[i]:
                         self.done[i] = True
@@ -554,6 +579,9 @@ def enable(pipe, guidance="cfg", *, adaptive=None, interval=None, linear_ag=None
     if "perturbed" in state.method.branches:  # validates the layer specs; nothing is changed yet
         state.pag_layers = frozenset(select_layers(denoiser, list(state.params["layers"])))
     state.attr = attr
+    config = getattr(denoiser, "config", None)
+    if layout is _call_scale_layout and config is not None and config.out_channels == 2 * config.in_channels:
+        state.pred_channels = config.in_channels
     disable(pipe)
     _Hook.of(denoiser).add(state)
     pipe.__class__ = _hooked_class(type(pipe))

@@ -1,15 +1,16 @@
 """Which pipelines `fastguide.enable` takes (issue 11): img2img / inpaint variants of SD and SDXL, subclasses,
-diffusers' PAG pipelines, SD3's skip_guidance_layers; clear errors for the rest. Tiny random-weight pipelines."""
+diffusers' PAG pipelines, SD3's skip_guidance_layers, PixArt-Sigma; clear errors for the rest. Tiny random-weight pipelines."""
 import pytest
 import torch
-from diffusers import (StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPAGPipeline,
+from diffusers import (EulerDiscreteScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel,
+                       StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPAGPipeline,
                        StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline,
                        StableDiffusionXLPAGPipeline)
 from diffusers import guiders as dg
 from diffusers.utils.torch_utils import randn_tensor
 
 import fastguide
-from test_pipelines import STEPS, assert_close, guider_combine, inputs, make_sd, make_sd3, make_sdxl, run
+from test_pipelines import STEPS, _vae, assert_close, guider_combine, inputs, make_sd, make_sd3, make_sdxl, run
 
 
 def call(pipe, kind, scale=5.0, **kw):
@@ -164,3 +165,56 @@ def test_sd3_skip_guidance_layers_equals_stock(images):
     fastguide.disable(pipe)
     kw["skip_guidance_layers"] = None
     assert (sd3(pipe) - stock).abs().max() > 1e-3  # the skip-layer term acted
+
+
+# --- PixArt-Sigma: CFG decided by the call's guidance_scale, learned-sigma output channels ------------
+def make_pixart():
+    torch.manual_seed(0)
+    transformer = PixArtTransformer2DModel(
+        sample_size=8, num_layers=1, patch_size=2, attention_head_dim=8, num_attention_heads=2, caption_channels=16,
+        in_channels=4, out_channels=8, cross_attention_dim=16, attention_bias=True, activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6)
+    return PixArtSigmaPipeline(tokenizer=None, text_encoder=None, vae=_vae(), transformer=transformer,
+                               scheduler=EulerDiscreteScheduler(steps_offset=1))
+
+
+def pixart_inputs():
+    return dict(inputs("sd"), prompt_attention_mask=torch.ones(1, 5), negative_prompt_attention_mask=torch.ones(1, 5))
+
+
+def pixart(pipe, scale=5.0):
+    with torch.no_grad():
+        return pipe(**pixart_inputs(), negative_prompt=None, num_inference_steps=STEPS, guidance_scale=scale,
+                    output_type="latent", height=16, width=16, use_resolution_binning=False).images
+
+
+def test_pixart_sigma_cfg_equals_stock():
+    pipe = make_pixart()
+    stock, unguided = pixart(pipe), pixart(pipe, scale=1.0)
+    fastguide.enable(pipe, guidance="cfg")
+    assert_close(pixart(pipe), stock)
+    assert pipe.fastguide_report.steps == STEPS
+    torch.testing.assert_close(pixart(pipe, scale=1.0), unguided, rtol=0, atol=0)  # no CFG: passes through
+
+
+def test_pixart_sigma_apg_guides_the_prediction_channels_only():
+    """The transformer outputs [eps, learned sigma]; the pipeline keeps eps after CFG. APG's norms and
+    projection must see eps alone, as in a hand loop that guides eps with diffusers' guider."""
+    pipe = make_pixart()
+    fastguide.enable(pipe, guidance="apg", momentum=-0.5, norm_threshold=2.0, eta=0.5)
+    ours = pixart(pipe)
+    fastguide.disable(pipe)
+    combine = guider_combine(dg.AdaptiveProjectedGuidance(guidance_scale=5.0, adaptive_projected_guidance_momentum=-0.5,
+                                                          adaptive_projected_guidance_rescale=2.0, eta=0.5))
+    kw, sch = pixart_inputs(), pipe.scheduler
+    sch.set_timesteps(STEPS)
+    x = kw["latents"] * sch.init_noise_sigma
+    emb = torch.cat([kw["negative_prompt_embeds"], kw["prompt_embeds"]])
+    with torch.no_grad():
+        for i, t in enumerate(sch.timesteps):
+            pred = pipe.transformer(sch.scale_model_input(torch.cat([x, x]), t), encoder_hidden_states=emb,
+                                    encoder_attention_mask=torch.ones(2, 5), timestep=t.expand(2),
+                                    added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+            uncond, cond = pred[:, :4].chunk(2)
+            x = sch.step(combine(cond, uncond, None, i, t), t, x).prev_sample
+    assert_close(ours, x)
