@@ -165,7 +165,7 @@ def _patterns():
             ("StableDiffusion3Pipeline", "transformer", _sd3_layout),
             ("StableDiffusionPAGPipeline", "unet", _pag_layout),
             ("StableDiffusionXLPAGPipeline", "unet", _pag_layout),
-            ("PixArtSigmaPipeline", "transformer", _call_scale_layout))]
+            ("PixArtSigmaPipeline", "transformer", _call_scale_layout)) if hasattr(d, name)]
     return _PATTERNS
 
 
@@ -347,12 +347,12 @@ class _Guidance:
             raise RuntimeError(f"fastguide: {name}.{self.attr} was replaced after fastguide.enable; call "
                                f"fastguide.enable(pipe, ...) again so the new {self.attr} is guided")
         if self.layout is _pag_layout:
-            pag_scale = call.arguments.get("pag_scale", 0.0)
-            if (pag_scale > 0 and self.pipe.pag_applied_layers
-                    and (self.guidance != "cfg" or self.adaptive or self.interval or self.linear_ag)):
-                raise ValueError(f"fastguide: {name} called with pag_scale={pag_scale} batches [uncond, cond, "
-                                 f"perturbed]; fastguide fuses that with guidance='cfg' only (enabled: "
-                                 f"guidance={self.guidance!r}{', with adaptive/interval/linear_ag' if self.guidance == 'cfg' else ''}). "
+            pag_scale = self.call["pag_scale"]
+            fusable = self.guidance == "cfg" and not (self.adaptive or self.interval or self.linear_ag)
+            if pag_scale > 0 and self.pipe.pag_applied_layers and self.call["guidance_scale"] > 1 and not fusable:
+                raise ValueError(f"fastguide: {name} called with pag_scale={pag_scale} batches [uncond, cond, perturbed]; "
+                                 f"fastguide fuses that with plain guidance='cfg' only, this pipeline is enabled with "
+                                 f"guidance={self.guidance!r}{'' if self.guidance != 'cfg' else ' and adaptive/interval/linear_ag'}. "
                                  f"Pass pag_scale=0 to use it on plain CFG, or use the non-PAG pipeline with guidance='pag'")
         if self.linear_ag is not None or self.record is not None:
             sch = self.pipe.scheduler
