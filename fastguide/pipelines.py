@@ -23,6 +23,7 @@ import contextvars
 import functools
 import inspect
 import math
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -211,6 +212,7 @@ class _Hook:
         self.saved_forward = module.__dict__.get("forward", _ABSENT)  # e.g. accelerate's offload hook
         self.original = module.forward
         self.signature = inspect.signature(self.original)
+        # Weak references: the module must not keep a dropped pipeline (its VAE, text encoders) alive.
         self.users = []
         self.pag_saved = {}  # layer name -> the processor its GatedPAGProcessor replaced
 
@@ -230,13 +232,20 @@ class _Hook:
         hook = getattr(module.__dict__.get("forward"), "fastguide_hook", None)
         return hook if hook is not None else _Hook(module)
 
+    def live_users(self):
+        return [u for u in (ref() for ref in self.users) if u is not None]
+
     def add(self, state):
-        self.users.append(state)
+        self.users.append(weakref.ref(state, self._dropped))
         state.hook = self
         self._sync_pag()
 
+    def _dropped(self, ref):
+        """An enabled pipeline was garbage-collected without `disable`: as if it had been disabled."""
+        self.remove(None)
+
     def remove(self, state):
-        self.users = [u for u in self.users if u is not state]
+        self.users = [ref for ref in self.users if ref() is not None and ref() is not state]
         self._sync_pag()
         if not self.users and self.module.__dict__.get("forward") is self.forward:
             # Unwrap only if nobody wrapped the module after us; otherwise we stay underneath as a pass-through.
@@ -247,7 +256,7 @@ class _Hook:
 
     def _sync_pag(self):
         """Gated processors on exactly the layers some user perturbs; the others get their processor back."""
-        wanted = set().union(*(u.pag_layers for u in self.users))
+        wanted = set().union(*(u.pag_layers for u in self.live_users()))
         modules = dict(self.module.named_modules())
         for name in sorted(wanted - set(self.pag_saved)):
             self.pag_saved[name] = modules[name].processor

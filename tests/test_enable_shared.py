@@ -203,3 +203,20 @@ def test_save_pretrained_of_an_enabled_pipeline_loads_a_stock_one(tmp_path):
     assert type(loaded) is StableDiffusionPipeline and "forward" not in loaded.unet.__dict__
     exact(run(loaded, "sd"), run(make_sd(), "sd"))
     assert_close(run(pipe, "sd"), alone("cfg", scale=9.0))
+
+
+def test_a_dropped_enabled_pipeline_is_freed_and_unhooks_the_module():
+    import gc
+    import weakref
+    p1 = fastguide.enable(make_sd(), guidance="cfg", scale=9.0)
+    p2 = fastguide.enable(shared(p1), guidance="cfg", scale=2.0)
+    run(p1, "sd")
+    unet, gone = p1.unet, weakref.ref(p1)
+    del p1
+    gc.collect()
+    assert gone() is None  # the shared UNet does not keep the dropped pipeline (and its other modules) alive
+    assert_close(run(p2, "sd"), alone("cfg", scale=2.0))
+    gone = weakref.ref(p2)
+    del p2
+    gc.collect()
+    assert gone() is None and "forward" not in unet.__dict__  # no enabled pipeline left: the module is stock
