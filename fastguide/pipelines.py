@@ -325,8 +325,8 @@ class _Guidance:
             raise ValueError(f"fastguide.enable: adaptive/interval/linear_ag skip rows per sample; guidance={guidance!r} "
                              f"(state across steps or extra branches) is not supported with them yet; use one of {usable}")
         if layout is _pag_layout and "perturbed" in self.method.branches:
-            raise ValueError(f"fastguide.enable: guidance={guidance!r} on {type(pipe).__name__}, which perturbs its own "
-                             f"layers (pag_applied_layers, pag_scale): use guidance='cfg' there (fastguide fuses the "
+            raise ValueError(f"fastguide.enable: guidance={guidance!r} on {type(pipe).__name__}, which perturbs its "
+                             f"own layers (pag_applied_layers, pag_scale): use guidance='cfg' (fastguide fuses the "
                              f"pipeline's PAG), or guidance='pag' on the matching non-PAG pipeline")
         self.linear_ag = linear_ag
         self.record = None      # calibration: per-step (cond, uncond) of full-CFG runs
@@ -359,10 +359,11 @@ class _Guidance:
             pag_scale = self.call["pag_scale"]
             fusable = self.guidance == "cfg" and not (self.adaptive or self.interval or self.linear_ag)
             if pag_scale > 0 and self.pipe.pag_applied_layers and self.call["guidance_scale"] > 1 and not fusable:
-                raise ValueError(f"fastguide: {name} called with pag_scale={pag_scale} batches [uncond, cond, perturbed]; "
-                                 f"fastguide fuses that with plain guidance='cfg' only, this pipeline is enabled with "
-                                 f"guidance={self.guidance!r}{'' if self.guidance != 'cfg' else ' and adaptive/interval/linear_ag'}. "
-                                 f"Pass pag_scale=0 to use it on plain CFG, or use the non-PAG pipeline with guidance='pag'")
+                extra = " and adaptive/interval/linear_ag" if self.guidance == "cfg" else ""
+                raise ValueError(f"fastguide: {name} called with pag_scale={pag_scale} batches [uncond, cond, "
+                                 f"perturbed]; fastguide fuses that with plain guidance='cfg' only, this pipeline is "
+                                 f"enabled with guidance={self.guidance!r}{extra}. Pass pag_scale=0 to use it on plain "
+                                 f"CFG, or use the non-PAG pipeline with guidance='pag'")
         if self.linear_ag is not None or self.record is not None:
             sch = self.pipe.scheduler
             if hasattr(type(sch), "state_in_first_order"):

@@ -23,13 +23,15 @@ def image_kwargs(variant):
     g = torch.Generator().manual_seed(5)
     if variant == "img2img":  # 4 channels: the pipeline takes it as latents (no VAE encode)
         return dict(image=torch.randn(1, 4, 16, 16, generator=g), strength=0.75)
-    return dict(image=torch.rand(1, 3, 16, 16, generator=g) * 2 - 1, mask_image=(torch.rand(1, 1, 16, 16, generator=g) > 0.5).float(),
-                height=16, width=16, strength=0.75)
+    return dict(image=torch.rand(1, 3, 16, 16, generator=g) * 2 - 1,
+                mask_image=(torch.rand(1, 1, 16, 16, generator=g) > 0.5).float(), height=16, width=16, strength=0.75)
 
 
 VARIANTS = {
-    "sd-img2img": (lambda: StableDiffusionImg2ImgPipeline(**make_sd().components, requires_safety_checker=False), "sd", "img2img"),
-    "sd-inpaint": (lambda: StableDiffusionInpaintPipeline(**make_sd().components, requires_safety_checker=False), "sd", "inpaint"),
+    "sd-img2img": (lambda: StableDiffusionImg2ImgPipeline(**make_sd().components, requires_safety_checker=False),
+                   "sd", "img2img"),
+    "sd-inpaint": (lambda: StableDiffusionInpaintPipeline(**make_sd().components, requires_safety_checker=False),
+                   "sd", "inpaint"),
     "sdxl-img2img": (lambda: StableDiffusionXLImg2ImgPipeline(**make_sdxl().components), "sdxl", "img2img"),
     "sdxl-inpaint": (lambda: StableDiffusionXLInpaintPipeline(**make_sdxl().components), "sdxl", "inpaint"),
 }
