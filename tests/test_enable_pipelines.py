@@ -23,7 +23,7 @@ def image_kwargs(variant):
     g = torch.Generator().manual_seed(5)
     if variant == "img2img":  # 4 channels: the pipeline takes it as latents (no VAE encode)
         return dict(image=torch.randn(1, 4, 16, 16, generator=g), strength=0.75)
-    return dict(image=torch.rand(1, 3, 16, 16, generator=g) * 2 - 1,
+    return dict(image=torch.rand(1, 3, 16, 16, generator=g),  # in [0, 1], as diffusers expects of tensors
                 mask_image=(torch.rand(1, 1, 16, 16, generator=g) > 0.5).float(), height=16, width=16, strength=0.75)
 
 
