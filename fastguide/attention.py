@@ -130,12 +130,11 @@ def self_attention_layers(model):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, Attention) and is_self(name, m)]
 
 
-def apply_pag(model, layers, processor=None):
-    """Put `processor` (default: a new IdentityPAGProcessor()) on the self-attention layers selected by
-    `layers`: strings are regular expressions searched in module names (like diffusers' pag_applied_layers,
-    e.g. "mid", "down_blocks.1", r"transformer_blocks\\.3\\b"), ints index `self_attention_layers(model)`.
-    Returns the processor. The replaced processors are kept for `remove_pag`.
-    """
+def select_layers(model, layers):
+    """{name: Attention} of the self-attention layers of `model` selected by `layers`: strings are regular
+    expressions searched in module names (like diffusers' pag_applied_layers, e.g. "mid", "down_blocks.1",
+    r"transformer_blocks\\.3\\b"), ints index `self_attention_layers(model)`. Raises, listing the available
+    layers, when a spec matches nothing; changes nothing."""
     if isinstance(layers, (str, int)):
         layers = [layers]
     candidates = self_attention_layers(model)
@@ -157,6 +156,14 @@ def apply_pag(model, layers, processor=None):
             raise ValueError(f"fastguide.attention.apply_pag: layer {spec!r} matches no self-attention layer; "
                              f"available: {names}")
         chosen.update(hits)
+    return chosen
+
+
+def apply_pag(model, layers, processor=None):
+    """Put `processor` (default: a new IdentityPAGProcessor()) on the self-attention layers selected by
+    `layers` (see `select_layers`). Returns the processor. The replaced processors are kept for `remove_pag`.
+    """
+    chosen = select_layers(model, layers)
     processor = processor if processor is not None else IdentityPAGProcessor()
     saved = getattr(model, "_fastguide_pag_saved", {})
     for name, module in chosen.items():
@@ -164,6 +171,24 @@ def apply_pag(model, layers, processor=None):
         module.set_processor(processor)
     model._fastguide_pag_saved = saved
     return processor
+
+
+class GatedPAGProcessor(IdentityPAGProcessor):
+    """Identity-attention PAG on one layer only while `gate()` is true; the layer's own processor
+    (`fallback`) otherwise. `fastguide.enable` puts these on a denoiser that several pipelines may share,
+    so the perturbed rows exist only in the calls of the pipeline that asked for PAG on this layer."""
+
+    def __init__(self, gate, fallback, perturbed=None, chunks=3):
+        super().__init__(perturbed, chunks)
+        self.gate, self.fallback = gate, fallback
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        if self.gate():
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        if temb is not None:  # pass on only what the layer was given: not every processor takes temb
+            kwargs["temb"] = temb
+        return self.fallback(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                             attention_mask=attention_mask, **kwargs)
 
 
 def remove_pag(model):
