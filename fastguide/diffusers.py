@@ -86,7 +86,8 @@ def _decode(name, value, where):
     `guider.new(adaptive=AG(...))` works); a malformed entry raises naming it."""
     try:
         if name == "adaptive" and isinstance(value, dict):
-            return AG(**value)
+            # configs written before AG had a space measured in the prediction space: keep their meaning
+            return AG(**{"space": "prediction", **value})
         if name == "interval" and isinstance(value, list):
             return tuple(value)
         if name == "linear_ag" and isinstance(value, dict):

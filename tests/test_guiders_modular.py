@@ -19,6 +19,12 @@ from fastguide.pipelines import Report
 from fastguide.skip import NoiseSchedule, SkipPolicy
 from test_pipelines import make_sdxl
 
+
+def AG(*args, **kwargs):
+    """fastguide.AG measuring in the prediction space unless told otherwise: these tests drive the policy's
+    machinery with toy denoisers and no noise schedule (the x0 space is tested on its own)."""
+    return fastguide.AG(*args, **{"space": "prediction", **kwargs})
+
 STEPS, B = 4, 2
 
 
@@ -100,7 +106,7 @@ def assert_close(ours, ref):
 def test_never_switching_equals_diffusers(setup):
     ref = run(setup, dg.ClassifierFreeGuidance(guidance_scale=5.0))
     rows = []
-    guider = fd.ClassifierFreeGuidance(guidance_scale=5.0, adaptive=fastguide.AG(2.0))
+    guider = fd.ClassifierFreeGuidance(guidance_scale=5.0, adaptive=AG(2.0))
     assert_close(run(setup, guider, rows), ref)
     assert rows == [B, B] * STEPS
     assert guider.report == Report(steps=STEPS, nfe=2 * B * STEPS, nfe_skipped=0, ag_switch_step=[None] * B)
@@ -109,7 +115,7 @@ def test_never_switching_equals_diffusers(setup):
 def test_switching_after_step_zero_skips_every_later_uncond_pass(setup):
     """AG(-1): the unconditional branch runs on step 0 only; the result is diffusers' CFG guiding step 0."""
     rows = []
-    guider = fd.ClassifierFreeGuidance(guidance_scale=5.0, adaptive=fastguide.AG(-1.0))
+    guider = fd.ClassifierFreeGuidance(guidance_scale=5.0, adaptive=AG(-1.0))
     out = run(setup, guider, rows)
     assert rows == [B, B] + [B] * (STEPS - 1)
     assert guider.report == Report(steps=STEPS, nfe=2 * B + B * (STEPS - 1), nfe_skipped=B * (STEPS - 1),
@@ -124,12 +130,12 @@ def test_samples_switching_at_different_steps(setup, monkeypatch):
     seen = []
     orig = SkipPolicy.observe
     monkeypatch.setattr(SkipPolicy, "observe", lambda self, r, cos: (seen.append(list(cos)), orig(self, r, cos)))
-    run(setup, fd.ClassifierFreeGuidance(guidance_scale=5.0, adaptive=fastguide.AG(2.0)))
+    run(setup, fd.ClassifierFreeGuidance(guidance_scale=5.0, adaptive=AG(2.0)))
     monkeypatch.undo()
     c0 = seen[0]
     threshold = sum(c0) / 2
     rows = []
-    guider = fd.ClassifierFreeGuidance(guidance_scale=5.0, adaptive=fastguide.AG(threshold))
+    guider = fd.ClassifierFreeGuidance(guidance_scale=5.0, adaptive=AG(threshold))
     out = run(setup, guider, rows)
     first = max(range(B), key=lambda i: c0[i])
     switch = guider.report.ag_switch_step
@@ -137,7 +143,7 @@ def test_samples_switching_at_different_steps(setup, monkeypatch):
     assert rows[:3] == [B, B, B] and rows[3] == 1  # step 1: both conds, then the one guided row
     assert guider.report.nfe == sum(rows) and guider.report.nfe_skipped == 2 * B * STEPS - sum(rows)
     for i in range(B):
-        solo = fd.ClassifierFreeGuidance(guidance_scale=5.0, adaptive=fastguide.AG(threshold))
+        solo = fd.ClassifierFreeGuidance(guidance_scale=5.0, adaptive=AG(threshold))
         assert_close(out[i:i + 1], run(setup, solo, sample=i))
         assert solo.report.ag_switch_step == [switch[i]]
 

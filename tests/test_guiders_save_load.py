@@ -15,19 +15,25 @@ import fastguide.diffusers as fd
 from test_guiders_modular import sdxl_inputs
 from test_pipelines import make_sdxl
 
+
+def AG(*args, **kwargs):
+    """fastguide.AG measuring in the prediction space unless told otherwise: these tests drive the policy's
+    machinery with toy denoisers and no noise schedule (the x0 space is tested on its own)."""
+    return fastguide.AG(*args, **{"space": "prediction", **kwargs})
+
 EULER = EulerDiscreteScheduler(steps_offset=1)
 
 # (twin, constructor kwargs): every fastguide guider, with a policy where it can skip.
 CASES = [
-    (fd.ClassifierFreeGuidance, dict(guidance_scale=6.0, adaptive=fastguide.AG(0.97))),
+    (fd.ClassifierFreeGuidance, dict(guidance_scale=6.0, adaptive=AG(0.97))),
     (fd.ClassifierFreeGuidance, dict(guidance_scale=6.0, guidance_rescale=0.7, interval=(0.3, 5.4), scheduler=EULER)),
     (fd.ClassifierFreeZeroStarGuidance, dict(guidance_scale=4.0, linear_ag=fastguide.LinearAG(
         {1: (0.5, 0.25, 0.125), 3: (1.0, -0.5, 0.5)}, 8))),
-    (fd.FrequencyDecoupledGuidance, dict(guidance_scales=[8.0, 3.0], adaptive=fastguide.AG(0.99))),
+    (fd.FrequencyDecoupledGuidance, dict(guidance_scales=[8.0, 3.0], adaptive=AG(0.99))),
     (fd.AdaptiveProjectedGuidance, dict(guidance_scale=5.0, eta=0.5, interval=(0.2, 0.8),
                                         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))),
     (fd.AdaptiveProjectedGuidance, dict(guidance_scale=5.0, adaptive_projected_guidance_momentum=-0.5,
-                                        adaptive=fastguide.AG(0.99))),
+                                        adaptive=AG(0.99))),
     (fd.PerturbedAttentionGuidance, dict(guidance_scale=5.0, perturbed_guidance_layers=[0])),
     (fd.SkipLayerGuidance, dict(guidance_scale=5.0, skip_layer_guidance_layers=[0])),
 ]
@@ -80,7 +86,7 @@ def test_policy_config_entries_are_json_and_absent_without_a_policy(tmp_path):
 
 
 def test_malformed_policy_entry_names_it(tmp_path):
-    fd.ClassifierFreeGuidance(adaptive=fastguide.AG(0.9)).save_pretrained(tmp_path)
+    fd.ClassifierFreeGuidance(adaptive=AG(0.9)).save_pretrained(tmp_path)
     path = tmp_path / "guider_config.json"
     cfg = json.loads(path.read_text())
     cfg["adaptive"] = {"thresh": 0.9}
@@ -99,7 +105,7 @@ NONE = dict(vae=None, text_encoder=None, tokenizer=None, transformer=None)
 
 
 def test_classic_pipeline_round_trip(tmp_path):
-    ours = fd.ClassifierFreeGuidance(guidance_scale=4.5, adaptive=fastguide.AG(0.98))
+    ours = fd.ClassifierFreeGuidance(guidance_scale=4.5, adaptive=AG(0.98))
     _motif(ours).save_pretrained(tmp_path)
     index = json.loads((tmp_path / "model_index.json").read_text())
     assert index["guider"] == ["fastguide.diffusers", "ClassifierFreeGuidance"]
@@ -120,7 +126,7 @@ def test_modular_pipeline_round_trip(tmp_path):
     """A modular pipeline saves the components loaded with from_pretrained (diffusers treats a guider passed
     to update_components as a config component and does not save it, ours or its own): the guider is saved,
     loaded through a ComponentSpec, then the pipeline round-trips with it -- and runs identically."""
-    guider = fd.ClassifierFreeGuidance(guidance_scale=5.0, adaptive=fastguide.AG(-1.0))
+    guider = fd.ClassifierFreeGuidance(guidance_scale=5.0, adaptive=AG(-1.0))
     guider.save_pretrained(tmp_path / "src" / "guider")
     loaded = ComponentSpec(name="guider", type_hint=fd.ClassifierFreeGuidance,
                            pretrained_model_name_or_path=str(tmp_path / "src"), subfolder="guider").load()

@@ -15,6 +15,12 @@ import fastguide.diffusers as fd
 from fastguide.pipelines import Report, fit_linear_ag
 from fastguide.skip import NoiseSchedule
 
+
+def AG(*args, **kwargs):
+    """fastguide.AG measuring in the prediction space unless told otherwise: these tests drive the policy's
+    machinery with toy denoisers and no noise schedule (the x0 space is tested on its own)."""
+    return fastguide.AG(*args, **{"space": "prediction", **kwargs})
+
 B, N = 3, 6
 SHAPE = (B, 4, 8, 8)
 TIMESTEPS = [999 - 166 * i for i in range(N)]
@@ -63,13 +69,13 @@ def test_never_switching_equals_diffusers():
     """threshold > 1 never switches: every step equals diffusers' own guider, with every row evaluated."""
     for theirs, ours in [(dg.ClassifierFreeGuidance(guidance_scale=5.0, guidance_rescale=0.5),
                           fd.ClassifierFreeGuidance(guidance_scale=5.0, guidance_rescale=0.5,
-                                                    adaptive=fastguide.AG(1.5))),
+                                                    adaptive=AG(1.5))),
                          (dg.ClassifierFreeZeroStarGuidance(guidance_scale=4.0),
-                          fd.ClassifierFreeZeroStarGuidance(guidance_scale=4.0, adaptive=fastguide.AG(1.5))),
+                          fd.ClassifierFreeZeroStarGuidance(guidance_scale=4.0, adaptive=AG(1.5))),
                          (dg.FrequencyDecoupledGuidance(guidance_scales=[6.0, 3.0]),
-                          fd.FrequencyDecoupledGuidance(guidance_scales=[6.0, 3.0], adaptive=fastguide.AG(1.5))),
+                          fd.FrequencyDecoupledGuidance(guidance_scales=[6.0, 3.0], adaptive=AG(1.5))),
                          (dg.AdaptiveProjectedGuidance(**APG_MOMENTUM),
-                          fd.AdaptiveProjectedGuidance(**APG_MOMENTUM, adaptive=fastguide.AG(1.5)))]:
+                          fd.AdaptiveProjectedGuidance(**APG_MOMENTUM, adaptive=AG(1.5)))]:
         ref, ref_calls = protocol_run(theirs, *_inputs())
         out, calls = protocol_run(ours, *_inputs())
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
@@ -80,7 +86,7 @@ def test_never_switching_equals_diffusers():
 def test_threshold_minus_one_evaluates_uncond_on_step_zero_only():
     """AG(-1) switches every sample after step 0: one unconditional pass in the whole trajectory, and the
     result is diffusers' CFG guiding step 0 only (stop=1/N)."""
-    ours = fd.ClassifierFreeGuidance(guidance_scale=5.0, adaptive=fastguide.AG(-1.0))
+    ours = fd.ClassifierFreeGuidance(guidance_scale=5.0, adaptive=AG(-1.0))
     out, calls = protocol_run(ours, *_inputs())
     ref, _ = protocol_run(dg.ClassifierFreeGuidance(guidance_scale=5.0, stop=1 / N), *_inputs())
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
@@ -91,7 +97,7 @@ def test_threshold_minus_one_evaluates_uncond_on_step_zero_only():
 def test_cfg_zero_star_zero_init_is_not_judged_by_ag():
     """CFG-Zero*'s zero-init step predicts zeros (no guidance of cond to judge): AG(-1) switches after the
     first guided step, 1. Same result as diffusers' CFG-Zero* guiding steps 0..1 (stop=2/N)."""
-    ours = fd.ClassifierFreeZeroStarGuidance(guidance_scale=4.0, zero_init_steps=1, adaptive=fastguide.AG(-1.0))
+    ours = fd.ClassifierFreeZeroStarGuidance(guidance_scale=4.0, zero_init_steps=1, adaptive=AG(-1.0))
     out, calls = protocol_run(ours, *_inputs())
     ref, _ = protocol_run(dg.ClassifierFreeZeroStarGuidance(guidance_scale=4.0, zero_init_steps=1, stop=2 / N),
                           *_inputs())
@@ -103,7 +109,7 @@ def test_cfg_zero_star_zero_init_is_not_judged_by_ag():
 def _cosines(guider_cls, **kw):
     """Per step, per sample cos(cond, guided) of a never-switching run (AG's inputs)."""
     seen = []
-    g = guider_cls(**kw, adaptive=fastguide.AG(1.5))
+    g = guider_cls(**kw, adaptive=AG(1.5))
     orig = g._skip.observe
     g._skip.observe = lambda rows, cos: (seen.append(list(cos)), orig(rows, cos))
     protocol_run(g, *_inputs())
@@ -123,7 +129,7 @@ def test_samples_switching_at_different_steps_equal_their_solo_runs(cls, kw):
     cos0 = _cosines(cls, **kw)[0]
     order = sorted(range(B), key=lambda i: cos0[i])
     threshold = (cos0[order[0]] + cos0[order[1]]) / 2  # the lowest sample stays guided at step 0, the others switch
-    guider = cls(**kw, adaptive=fastguide.AG(threshold))
+    guider = cls(**kw, adaptive=AG(threshold))
     cond, uncond, lat = _inputs()
     out, calls = protocol_run(guider, cond, uncond, lat)
     switch = guider.report.ag_switch_step
@@ -131,7 +137,7 @@ def test_samples_switching_at_different_steps_equal_their_solo_runs(cls, kw):
     assert calls[:3] == [B, B, B] and calls[3] == 1  # step 1: all conds, then the one still-guided row
     assert guider.report.nfe == sum(calls) and guider.report.nfe_skipped == 2 * B * N - sum(calls)
     for i in range(B):
-        solo = cls(**kw, adaptive=fastguide.AG(threshold))
+        solo = cls(**kw, adaptive=AG(threshold))
         ref, _ = protocol_run(solo, cond[i:i + 1], uncond[i:i + 1], lat[i:i + 1])
         torch.testing.assert_close(out[i:i + 1], ref, rtol=1e-5, atol=1e-5)
         assert solo.report.ag_switch_step == [switch[i]]
@@ -221,7 +227,7 @@ def test_linear_ag_checks_the_step_count_before_the_run():
 
 
 def test_report_resets_at_step_zero_and_num_conditions_is_full_between_runs():
-    ours = fd.ClassifierFreeGuidance(guidance_scale=5.0, adaptive=fastguide.AG(-1.0))
+    ours = fd.ClassifierFreeGuidance(guidance_scale=5.0, adaptive=AG(-1.0))
     protocol_run(ours, *_inputs())
     first = ours.report
     # before the next loop, pipelines read num_conditions to decide whether to encode negative prompts
@@ -231,7 +237,7 @@ def test_report_resets_at_step_zero_and_num_conditions_is_full_between_runs():
 
 
 def test_a_failed_forward_leaves_the_state_intact():
-    ours = fd.ClassifierFreeGuidance(guidance_scale=5.0, adaptive=fastguide.AG(-1.0))
+    ours = fd.ClassifierFreeGuidance(guidance_scale=5.0, adaptive=AG(-1.0))
     c, u = torch.randn(SHAPE), torch.randn(SHAPE)
     ours.set_state(step=0, num_inference_steps=N, timestep=torch.tensor(999.0))
     with pytest.raises(ValueError, match="expects an unconditional prediction of 3 rows, got 2"):
@@ -276,7 +282,7 @@ def test_bad_policy_arguments_raise_at_construction():
     with pytest.raises(ValueError, match=r"linear_ag step 0 must be an int in \[1, 6\)"):
         fd.ClassifierFreeGuidance(linear_ag=fastguide.LinearAG({0: (1, 0, 0)}, 6))
     with pytest.raises(ValueError, match="linear_ag cannot be combined with adaptive or interval"):
-        fd.ClassifierFreeGuidance(adaptive=fastguide.AG(), linear_ag=fastguide.LinearAG({2: (1, 0, 0)}, 6))
+        fd.ClassifierFreeGuidance(adaptive=AG(), linear_ag=fastguide.LinearAG({2: (1, 0, 0)}, 6))
 
 
 @pytest.mark.parametrize("make", [
@@ -284,7 +290,7 @@ def test_bad_policy_arguments_raise_at_construction():
     lambda **p: fd.SkipLayerGuidance(skip_layer_guidance_layers=[0], **p),
 ], ids=["pag", "slg"])
 def test_guiders_that_cannot_skip_say_so_at_construction(make):
-    for policy in (dict(adaptive=fastguide.AG(0.99)), dict(interval=(0.1, 1.0), scheduler=EulerDiscreteScheduler()),
+    for policy in (dict(adaptive=AG(0.99)), dict(interval=(0.1, 1.0), scheduler=EulerDiscreteScheduler()),
                    dict(linear_ag=fastguide.LinearAG({2: (1, 0, 0)}, 6))):
         with pytest.raises(ValueError, match=rf"{next(iter(policy))} skips the unconditional pass per sample, "
                                              r"which this guider cannot do \(.+\); guiders that can: "
@@ -299,11 +305,11 @@ def test_guider_from_takes_a_policy_and_leaves_the_original_alone():
     before = dict(theirs.config)
     with pytest.raises(TypeError, match="adaptive must be a fastguide.AG"):
         fd.guider_from(theirs, adaptive=0.5)
-    ours = fd.guider_from(theirs, adaptive=fastguide.AG(0.9))
-    assert type(ours) is fd.ClassifierFreeGuidance and ours.config["adaptive"] == {"threshold": 0.9}
+    ours = fd.guider_from(theirs, adaptive=AG(0.9))
+    assert type(ours) is fd.ClassifierFreeGuidance and ours.config["adaptive"] == {"threshold": 0.9, "space": "prediction"}
     assert dict(theirs.config) == before and not hasattr(theirs, "_skip")
     with pytest.raises(ValueError, match="cannot do"):
-        fd.guider_from(dg.PerturbedAttentionGuidance(perturbed_guidance_layers=[0]), adaptive=fastguide.AG(0.9))
+        fd.guider_from(dg.PerturbedAttentionGuidance(perturbed_guidance_layers=[0]), adaptive=AG(0.9))
 
 
 # --- AG in x0 space ------------------------------------------------------------------------------------
@@ -329,9 +335,9 @@ def test_noise_schedule_x0_of_flow_matching():
 
 def test_ag_in_x0_space_needs_the_scheduler_and_switches_on_the_x0_cosine():
     with pytest.raises(ValueError, match=r"space='x0'.*scheduler=pipe.scheduler"):
-        fd.ClassifierFreeGuidance(guidance_scale=3.0, adaptive=fastguide.AG(0.9, space="x0"))
+        fd.ClassifierFreeGuidance(guidance_scale=3.0, adaptive=AG(0.9, space="x0"))
     with pytest.raises(ValueError, match="space must be"):
-        fastguide.AG(0.9, space="eps")
+        AG(0.9, space="eps")
     sch = EulerDiscreteScheduler()
     sched = NoiseSchedule(sch)
     cond, uncond, lat = _inputs()
@@ -345,10 +351,10 @@ def test_ag_in_x0_space_needs_the_scheduler_and_switches_on_the_x0_cosine():
     lo, hi = sorted([cos_pred.min().item(), cos_x0.max().item()])
     assert lo < hi
     threshold = (lo + hi) / 2
-    guider = fd.ClassifierFreeGuidance(guidance_scale=3.0, adaptive=fastguide.AG(threshold, space="x0"), scheduler=sch)
+    guider = fd.ClassifierFreeGuidance(guidance_scale=3.0, adaptive=AG(threshold, space="x0"), scheduler=sch)
     protocol_run(guider, cond, uncond, lat)
     switched_x0 = guider.report.ag_switch_step
-    guider = fd.ClassifierFreeGuidance(guidance_scale=3.0, adaptive=fastguide.AG(threshold, space="prediction"))
+    guider = fd.ClassifierFreeGuidance(guidance_scale=3.0, adaptive=AG(threshold, space="prediction"))
     protocol_run(guider, cond, uncond, lat)
     expect_x0 = [0 if v > threshold else None for v in cos_x0.tolist()]
     expect_pred = [0 if v > threshold else None for v in cos_pred.tolist()]
@@ -358,8 +364,8 @@ def test_ag_in_x0_space_needs_the_scheduler_and_switches_on_the_x0_cosine():
 
 
 def test_ag_space_survives_save_and_load(tmp_path):
-    guider = fd.ClassifierFreeGuidance(guidance_scale=3.0, adaptive=fastguide.AG(0.97, space="x0"),
+    guider = fd.ClassifierFreeGuidance(guidance_scale=3.0, adaptive=AG(0.97, space="x0"),
                                        scheduler=EulerDiscreteScheduler())
     guider.save_pretrained(tmp_path)
     again = fd.ClassifierFreeGuidance.from_pretrained(tmp_path)
-    assert again._skip.adaptive == fastguide.AG(0.97, space="x0")
+    assert again._skip.adaptive == AG(0.97, space="x0")
