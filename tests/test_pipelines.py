@@ -351,3 +351,32 @@ def test_scale_schedule_per_step():
     ours = run(pipe, "sd")
     fastguide.disable(pipe)
     assert_close(ours, hand_loop(pipe, "sd", lambda c, u, p, i, t: cfg_step(c, u, 2.0 + i)))
+
+
+@pytest.mark.parametrize("kind", ["sd", "sd3"])
+def test_ag_in_x0_space_measures_the_cosine_of_the_x0_estimates(kind, monkeypatch):
+    """AG's default space: the cosine is taken between x0(cond) and x0(guided), formed from the denoiser's own
+    input with the pipeline's scheduler (epsilon for SD, flow velocity for SD3)."""
+    from fastguide.pipelines import _prediction
+    from fastguide.skip import NoiseSchedule
+    pipe = MAKERS[kind]()
+    seen, calls = [], []
+    real = fastguide.ops.guidance_stats
+    monkeypatch.setattr(fastguide.pipelines.ops, "guidance_stats",
+                        lambda c, u, g: seen.append((c.clone(), g.clone())) or real(c, u, g))
+    den = pipe.transformer if kind == "sd3" else pipe.unet
+    hook = den.register_forward_hook(lambda m, a, k, out: calls.append((a, k, _prediction(out).clone())),
+                                     with_kwargs=True)
+    fastguide.enable(pipe, guidance="cfg", adaptive=fastguide.AG(threshold=1.5))
+    try:
+        run(pipe, kind)
+    finally:
+        hook.remove()
+    assert len(seen) == STEPS == len(calls)
+    sched = NoiseSchedule(pipe.scheduler)
+    for (args, kwargs, pred), (c_x0, g_x0) in zip(calls, seen):
+        x = args[0] if args else kwargs["hidden_states"]
+        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        half = x.shape[0] // 2
+        torch.testing.assert_close(g_x0, sched.x0(x[half:], pred[half:], t))
+        assert not torch.allclose(g_x0, pred[half:])  # not the prediction space
