@@ -41,6 +41,9 @@ class Method:
     twin: Optional[str] = None                  # class name in fastguide.diffusers
     scale_params: Tuple[str, ...] = ("scale",)  # parameters that may be None (pipeline scale) or a schedule
     example: Mapping[str, Any] = field(default_factory=dict)  # settings for a meaningful run (tests, bench, docs)
+    # params -> constructor kwargs of the twin guider (fastguide.diffusers.<twin>), for pipelines that take a
+    # guider: `enable` then installs that guider instead of wrapping the denoiser. None: no guider route.
+    guider_config: Optional[Callable] = None
 
     @property
     def stateless(self):
@@ -83,10 +86,20 @@ def get(name, where="fastguide"):
 
 
 # --- the methods ------------------------------------------------------------------------------------
+def _twin_common(p):
+    """The parameters every diffusers twin shares; a scale left as None keeps the guider's own default (the
+    pipeline's guidance_scale argument, where it has one, overrides it)."""
+    out = {"guidance_rescale": p["rescale"], "use_original_formulation": p["original"]}
+    if p.get("scale") is not None:
+        out["guidance_scale"] = p["scale"]
+    return out
+
+
 register(Method(
     name="cfg", summary="classifier-free guidance (+ guidance rescale)",
     peer="diffusers ClassifierFreeGuidance", twin="ClassifierFreeGuidance",
     params={"scale": None, **COMMON}, example={"rescale": 0.7},
+    guider_config=lambda p: _twin_common(p),
     combine=lambda x, p, state, step: ops.cfg(x["cond"], x["uncond"], p["scale"], rescale=p["rescale"],
                                               original=p["original"])))
 
@@ -100,6 +113,9 @@ register(Method(
     peer="diffusers AdaptiveProjectedGuidance", twin="AdaptiveProjectedGuidance",
     params={"scale": None, "eta": 1.0, "norm_threshold": 0.0, "momentum": None, "norm_dim": None, **COMMON},
     example={"momentum": -0.5, "norm_threshold": 2.0, "eta": 0.5},
+    guider_config=lambda p: {**_twin_common(p), "eta": p["eta"], "adaptive_projected_guidance_momentum": p["momentum"],
+                             "adaptive_projected_guidance_rescale": p["norm_threshold"],
+                             "adaptive_projected_guidance_norm_dim": p["norm_dim"]},
     new_state=_apg_state, reset_state=lambda buf: buf is not None and buf.reset(),
     combine=lambda x, p, buf, step: ops.apg(x["cond"], x["uncond"], p["scale"], eta=p["eta"],
                                             norm_threshold=p["norm_threshold"], momentum_buffer=buf,
@@ -124,7 +140,8 @@ def _cfg_zero_star(x, p, state, step):
 register(Method(
     name="cfg_zero_star", summary="CFG-Zero* (optimised per-sample scale, zero-init steps)",
     peer="diffusers ClassifierFreeZeroStarGuidance", twin="ClassifierFreeZeroStarGuidance",
-    params={"scale": None, "zero_init_steps": 1, **COMMON}, example={"zero_init_steps": 1}, combine=_cfg_zero_star))
+    params={"scale": None, "zero_init_steps": 1, **COMMON}, example={"zero_init_steps": 1}, combine=_cfg_zero_star,
+    guider_config=lambda p: {**_twin_common(p), "zero_init_steps": p["zero_init_steps"]}))
 
 register(Method(
     name="frequency", summary="frequency-split CFG: FreSca FFT box (cutoff=) or FreCaS bilinear (size=)",
@@ -140,6 +157,9 @@ register(Method(
     peer="diffusers FrequencyDecoupledGuidance", twin="FrequencyDecoupledGuidance", scale_params=(),
     params={"scales": (10.0, 5.0), "parallel_weights": None, **COMMON},
     example={"scales": (8.0, 3.0)},
+    guider_config=lambda p: {"guidance_scales": list(p["scales"]), "use_original_formulation": p["original"],
+                             "guidance_rescale": p["rescale"],
+                             **({"parallel_weights": list(p["parallel_weights"])} if p["parallel_weights"] else {})},
     combine=lambda x, p, state, step: frequency.fdg(x["cond"], x["uncond"], list(p["scales"]),
                                                     parallel_weights=p["parallel_weights"], rescale=p["rescale"],
                                                     original=p["original"])))

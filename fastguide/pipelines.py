@@ -602,6 +602,8 @@ def enable(pipe, guidance="cfg", *, adaptive=None, interval=None, linear_ag=None
     denoiser (from_pipe, modular pipelines, a second pipeline on the same UNet) run stock or their own
     settings. Returns the pipeline.
     """
+    if _takes_guider(pipe) and not _has_pattern(pipe):
+        return _enable_guider(pipe, guidance, params, adaptive, interval, linear_ag)
     attr, layout = _pattern(pipe)
     denoiser = _unwrap(getattr(pipe, attr))
     state = _Guidance(pipe, layout, guidance, params, adaptive, interval, linear_ag)  # validates first
@@ -618,11 +620,79 @@ def enable(pipe, guidance="cfg", *, adaptive=None, interval=None, linear_ag=None
     return pipe
 
 
+# --- pipelines that take a guider ---------------------------------------------------------------------
+def _takes_guider(pipe):
+    """A pipeline with a `guider` component (diffusers' guider protocol: HunyuanImage, MotifVideo, the lab's
+    DigitsPipeline, ...): enable installs the method's fastguide guider there, the same object the modular
+    route uses, instead of wrapping the denoiser."""
+    return _is_pipeline(pipe) and "guider" in getattr(pipe, "config", {})
+
+
+def _has_pattern(pipe):
+    return any(isinstance(pipe, cls) for cls, _, _ in _patterns())
+
+
+@dataclass
+class _GuiderRoute:
+    previous: object  # the guider the pipeline had
+    guider: object    # the fastguide guider enable installed
+
+
+def _enable_guider(pipe, guidance, params, adaptive, interval, linear_ag):
+    from . import diffusers as fgd
+    from .skip import check_policy
+    method = methods.get(guidance, "fastguide.enable")
+    where = f"fastguide.enable({type(pipe).__name__})"
+    if method.guider_config is None or method.twin is None:
+        usable = sorted(m.name for m in methods.METHODS.values() if m.guider_config is not None)
+        raise ValueError(f"{where}: this pipeline takes a guider, and guidance={guidance!r} has no guider twin yet; "
+                         f"use one of {usable}")
+    p = method.check_params(params, "fastguide.enable")
+    schedules = [n for n in method.scale_params if callable(p.get(n))]
+    if schedules:
+        raise ValueError(f"{where}: per-step schedules ({schedules}) need the classic route; a guider's scales are "
+                         f"numbers (its start/stop window limits the steps)")
+    if "perturbed" in method.branches:
+        raise ValueError(f"{where}: guidance={guidance!r} needs the layers to perturb, which depend on the model: "
+                         f"build fastguide.diffusers.{method.twin}(perturbed_guidance_config=...) and pass it as the "
+                         f"pipeline's guider")
+    adaptive, interval, linear_ag = check_policy("fastguide.enable", adaptive, interval, linear_ag)
+    policy = {"adaptive": adaptive, "interval": interval, "linear_ag": linear_ag}
+    if (adaptive is not None and adaptive.space == "x0") or interval is not None:
+        policy["scheduler"] = pipe.scheduler  # x0 estimates and sigmas come from the pipeline's noise schedule
+    guider = getattr(fgd, method.twin)(**method.guider_config(p), **policy)  # validates before anything changes
+    disable(pipe)
+    state = _GuiderRoute(previous=pipe.guider, guider=guider)
+    pipe.register_modules(guider=guider)
+    pipe.__class__ = _guider_class(type(pipe))
+    pipe._fastguide = state
+    return pipe
+
+
+def _guider_class(cls):
+    """`cls` with a `fastguide_report` property (the installed guider's report); same name and module."""
+    if "_fastguide_base" in cls.__dict__:
+        return cls
+    key = (cls, "guider")
+    if key not in _CLASSES:
+        _CLASSES[key] = type(cls)(cls.__name__, (cls,), {
+            "fastguide_report": property(lambda self: getattr(self.guider, "report", None)),
+            "__module__": cls.__module__, "__qualname__": cls.__qualname__, "__doc__": cls.__doc__,
+            "_fastguide_base": cls})
+    return _CLASSES[key]
+
+
 def disable(pipe):
     """Undo `enable`: the pipeline's class, and once no enabled pipeline uses its denoiser any more, the
-    denoiser's forward and attention processors (a no-op on a pipeline that is not enabled)."""
+    denoiser's forward and attention processors (a no-op on a pipeline that is not enabled). On a pipeline
+    that takes a guider: its previous guider back."""
     state = pipe.__dict__.get("_fastguide") if hasattr(pipe, "__dict__") else None
     if state is None:
+        return pipe
+    if isinstance(state, _GuiderRoute):
+        pipe.register_modules(guider=state.previous)
+        pipe.__class__ = type(pipe).__dict__["_fastguide_base"]
+        del pipe._fastguide
         return pipe
     state.hook.remove(state)
     base = type(pipe).__dict__.get("_fastguide_base")

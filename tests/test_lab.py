@@ -108,17 +108,45 @@ def test_batched_branches_equal_one_forward_per_branch(pipe):
     torch.testing.assert_close(pag0.images, cfg.images, atol=1e-4, rtol=1e-4)
 
 
-def test_guidance_scale_overrides_a_copy_of_the_guider(pipe):
+def test_guidance_scale_overrides_the_guiders_scale_for_one_call(pipe):
     guider = fg.ClassifierFreeGuidance(guidance_scale=7.0)
     a = pipe(class_labels=[5], guidance_scale=2.0, num_inference_steps=4, generator=torch.Generator().manual_seed(0),
              guider=guider, output_type="latent").images
     b = sample(pipe, fg.ClassifierFreeGuidance(guidance_scale=2.0), [5], steps=4).images
     assert guider.guidance_scale == 7.0
     torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        pipe(class_labels=[5], guidance_scale=2.0, num_inference_steps=0, guider=guider)
+    assert guider.guidance_scale == 7.0
+
+
+def test_enable_installs_the_methods_guider_and_disable_restores(pipe):
+    """A pipeline that takes a guider: enable puts the registry method's fastguide guider in (the object the
+    modular route uses), with AG, and pipe.fastguide_report reads its report."""
+    labels = list(range(10))
+    ref = sample(pipe, fg.AdaptiveProjectedGuidance(guidance_scale=4.0, eta=0.0, adaptive_projected_guidance_rescale=2.0,
+                                                     adaptive_projected_guidance_momentum=-0.5), labels, steps=6)
+    fastguide.enable(pipe, guidance="apg", scale=4.0, eta=0.0, norm_threshold=2.0, momentum=-0.5)
+    try:
+        assert isinstance(pipe.guider, fg.AdaptiveProjectedGuidance) and type(pipe).__name__ == "DigitsPipeline"
+        ours = sample(pipe, None, labels, steps=6)
+        torch.testing.assert_close(ours.images, ref.images)
+        fastguide.enable(pipe, guidance="cfg", adaptive=fastguide.AG(threshold=-1.0))
+        out = pipe(class_labels=labels, guidance_scale=3.0, num_inference_steps=6,
+                   generator=torch.Generator().manual_seed(0), output_type="latent")
+        r = pipe.fastguide_report
+        assert out.nfe == 10 * 6 + 10 and (r.steps, r.nfe, r.nfe_skipped) == (6, 70, 50)
+        assert r.ag_switch_step == [0] * 10
+        with pytest.raises(ValueError, match="no guider twin"):
+            fastguide.enable(pipe, guidance="frequency")
+        assert isinstance(pipe.guider, fg.ClassifierFreeGuidance)  # a failed enable changes nothing
+    finally:
+        fastguide.disable(pipe)
+    assert pipe.guider is None and not hasattr(pipe, "fastguide_report")
 
 
 def test_pipeline_round_trips_through_save_pretrained(pipe, tmp_path):
-    from fastguide.lab.pipeline import DigitsPipeline
+    from fastguide.lab import DigitsPipeline
     pipe.save_pretrained(tmp_path)
     again = DigitsPipeline.from_pretrained(tmp_path)
     a = sample(pipe, None, [4, 2], steps=3).images

@@ -15,7 +15,14 @@ import torch
 
 from . import data, models
 
-__all__ = ["pipeline", "load", "evaluator", "noisy_classifier", "data", "models"]
+__all__ = ["DigitsPipeline", "pipeline", "load", "evaluator", "noisy_classifier", "data", "models"]
+
+
+def __getattr__(name):  # DigitsPipeline imports diffusers: only when asked for
+    if name == "DigitsPipeline":
+        from .digits import DigitsPipeline
+        return DigitsPipeline
+    raise AttributeError(f"module 'fastguide.lab' has no attribute {name!r}")
 
 
 def _weights_path(key, weights_dir=None):
@@ -43,7 +50,7 @@ def load(key, module, weights_dir=None):
 def pipeline(checkpoint="unet", scheduler="ddim", guider=None, weights_dir=None):
     """The digits model as a `DigitsPipeline` (diffusers DiffusionPipeline). checkpoint: "unet" (trained) or
     "unet_early" (a weaker early checkpoint). scheduler: "ddim" (default), "euler", "dpm" or a scheduler."""
-    from .pipeline import DigitsPipeline
+    from .digits import DigitsPipeline
     if checkpoint not in ("unet", "unet_early"):
         raise ValueError(f"fastguide.lab.pipeline: checkpoint must be 'unet' or 'unet_early', got {checkpoint!r}")
     unet = load(checkpoint, models.make_unet(), weights_dir)

@@ -33,6 +33,7 @@ class DigitsOutput(BaseOutput):
 
 class DigitsPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "unet"
+    _optional_components = ["guider"]
 
     def __init__(self, unet, scheduler, guider=None):
         super().__init__()
@@ -45,11 +46,9 @@ class DigitsPipeline(DiffusionPipeline):
             return ClassifierFreeGuidance(guidance_scale=3.0 if guidance_scale is None else float(guidance_scale))
         if not isinstance(guider, BaseGuidance):
             raise TypeError(f"DigitsPipeline: guider must be a diffusers guider (BaseGuidance), got {type(guider).__name__}")
-        if guidance_scale is not None:
-            if not hasattr(guider, "guidance_scale"):
-                raise ValueError(f"DigitsPipeline: guidance_scale given, but {type(guider).__name__} has no "
-                                 f"guidance_scale; set the guider's own scales instead")
-            guider = guider.new(guidance_scale=float(guidance_scale))
+        if guidance_scale is not None and not hasattr(guider, "guidance_scale"):
+            raise ValueError(f"DigitsPipeline: guidance_scale given, but {type(guider).__name__} has no "
+                             f"guidance_scale; set the guider's own scales instead")
         return guider
 
     def _denoise(self, guider, batches, t):
@@ -83,6 +82,18 @@ class DigitsPipeline(DiffusionPipeline):
         if output_type not in ("pt", "np", "latent"):
             raise ValueError(f"DigitsPipeline: output_type must be 'pt', 'np' or 'latent', got {output_type!r}")
         guider = self._guider(guider, guidance_scale)
+        # guidance_scale overrides the guider's for this call only, on the guider itself (not a copy), so
+        # its state and report (AG, interval) stay readable afterwards; restored even when the call raises.
+        saved = getattr(guider, "guidance_scale", None)
+        if guidance_scale is not None:
+            guider.guidance_scale = float(guidance_scale)
+        try:
+            return self._sample(guider, labels, num_inference_steps, generator, output_type, latents, return_dict)
+        finally:
+            if guidance_scale is not None:
+                guider.guidance_scale = saved
+
+    def _sample(self, guider, labels, num_inference_steps, generator, output_type, latents, return_dict):
         n = len(labels)
         shape = (n, 1, data.SIZE, data.SIZE)
         if latents is None:
