@@ -44,7 +44,7 @@ class OptionalBuildExt(BuildExtension):
 
 # Package metadata (name, version, dependencies, entry points) lives in pyproject.toml's [project].
 setup(
-    packages=["fastguide", "fastguide.kernels"],
+    packages=["fastguide", "fastguide.kernels", "fastguide.lab"],
     # Triton kernels live in the top-level kernels/ folder but install as fastguide.kernels.
     package_dir={"fastguide": "fastguide", "fastguide.kernels": "kernels"},
     ext_modules=[

@@ -54,6 +54,10 @@ def check_wheel(dist):
     for f in ("__init__.py", "apg.py", "guidance.py"):
         check(f"fastguide/kernels/{f}" in names, f"wheel has fastguide/kernels/{f}")
     check(any(n.endswith(".dist-info/licenses/LICENSE") for n in names), "wheel has the LICENSE")
+    for f in ("digits_unet.safetensors", "digits_unet_early.safetensors", "noisy_classifier.safetensors",
+              "eval_classifier.safetensors"):
+        check(f"fastguide/lab/weights/{f}" in names, f"wheel has the lab's weights/{f}")
+    check("fastguide/lab/run.py" in names, "wheel has fastguide/lab")
     check(not any(n.startswith(("csrc/", "tests/", "kernels/")) for n in names), "wheel has no stray top-level folders")
 
 

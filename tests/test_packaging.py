@@ -58,8 +58,9 @@ def test_extras(pyproject):
     want = {"triton": {"triton"},
             "diffusers": {"diffusers", "transformers", "kornia"},
             "bench": {"pytest-benchmark", "matplotlib", "tqdm", "diffusers", "transformers", "kornia"},
-            "lab": {"scikit-learn", "safetensors", "diffusers"},
-            "test": {"pytest", "pytest-benchmark", "diffusers", "transformers", "kornia", "matplotlib", "tqdm"}}
+            "lab": {"scikit-learn", "safetensors", "diffusers", "matplotlib"},
+            "test": {"pytest", "pytest-benchmark", "diffusers", "transformers", "kornia", "matplotlib", "tqdm",
+                     "scikit-learn"}}
     assert {k: set(v) for k, v in extras.items()} == want
 
 
@@ -82,3 +83,13 @@ def test_sdist_takes_every_csrc_file():
     lines = [ln.split("#")[0].split() for ln in open(os.path.join(ROOT, "MANIFEST.in"))]
     rules = {(ln[0], ln[1]) for ln in lines if len(ln) >= 2}
     assert ("graft", "csrc") in rules and ("graft", "kernels") in rules
+
+
+def test_lab_weights_ship(pyproject):
+    """The lab's trained weights are package data: listed for the wheel, grafted into the sdist."""
+    from fastguide.lab import models
+    data = pyproject["tool"]["setuptools"]["package-data"]["fastguide.lab"]
+    assert "weights/*.safetensors" in data
+    for name in models.WEIGHTS.values():
+        assert os.path.isfile(os.path.join(models.WEIGHTS_DIR, name)), name
+    assert "fastguide/lab/weights" in open(os.path.join(ROOT, "MANIFEST.in")).read()

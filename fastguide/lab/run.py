@@ -43,9 +43,18 @@ def _methods(scheduler=None):
         "cfg_rescale": (lambda s: fg.ClassifierFreeGuidance(guidance_scale=s, guidance_rescale=0.7), (3.0, 8.0)),
         "apg": (lambda s: fg.AdaptiveProjectedGuidance(guidance_scale=s, eta=0.0, adaptive_projected_guidance_rescale=2.0,
                                                        adaptive_projected_guidance_momentum=-0.5), (3.0, 8.0)),
-        "cfg_zero_star": (lambda s: fg.ClassifierFreeZeroStarGuidance(guidance_scale=s, zero_init_steps=1), (3.0, 8.0)),
-        "pag": (lambda s: fg.PerturbedAttentionGuidance(guidance_scale=s, perturbed_guidance_scale=3.0,
-                                                        perturbed_guidance_config=_pag_config()), (1.0, 3.0)),
+        # CFG-Zero*'s optimised scale; its zero-init (predict 0 at the first steps) is for flow-matching models,
+        # where a zero velocity leaves x alone: a zero *epsilon* moves a DDIM sample far off (see bench/NOTES.md)
+        "cfg_zero_star": (lambda s: fg.ClassifierFreeZeroStarGuidance(guidance_scale=s, zero_init_steps=0), (3.0, 8.0)),
+        "cfg_zero_star_init": (lambda s: fg.ClassifierFreeZeroStarGuidance(guidance_scale=s, zero_init_steps=1), (3.0,)),
+        # PAG at every step (diffusers' default window is 1%-20% of the steps); "scale" is PAG's own scale, on the
+        # unconditional model (null class, CFG off): PAG's use case, guidance without a condition
+        "pag_uncond": (lambda s: fg.PerturbedAttentionGuidance(
+            guidance_scale=1.0, perturbed_guidance_scale=s, perturbed_guidance_start=0.0, perturbed_guidance_stop=1.0,
+            perturbed_guidance_config=_pag_config()), (0.5, 1.0, 2.0)),
+        "pag": (lambda s: fg.PerturbedAttentionGuidance(
+            guidance_scale=s, perturbed_guidance_scale=1.0, perturbed_guidance_start=0.0, perturbed_guidance_stop=1.0,
+            perturbed_guidance_config=_pag_config()), (3.0,)),
         "fdg": (lambda s: fg.FrequencyDecoupledGuidance(guidance_scales=[s, max(s / 2, 1.0)], parallel_weights=[1.0, 1.0]),
                 (3.0, 8.0)),
         # Adaptive Guidance with its defaults (cosine of the x0 estimates), and in the prediction (epsilon) space
@@ -55,6 +64,9 @@ def _methods(scheduler=None):
         "interval": (lambda s: cfg(guidance_scale=s, interval=(0.15, 1.5), scheduler=scheduler), (3.0, 5.0, 8.0)),
         "first_steps": (lambda s: cfg(guidance_scale=s, start=0.0, stop=0.25), (3.0, 5.0, 8.0)),
     }
+
+
+UNCONDITIONAL = ("pag_uncond",)  # sampled with the null class (accuracy is then undefined: nan)
 
 
 @dataclass
@@ -96,8 +108,9 @@ def sweep(methods, n, steps, seed=0, scales=None, progress=print):
     rows, grids = [], {}
     for name in methods:
         make, default_scales = table[name]
+        lab = torch.full_like(labels, data.NULL_CLASS) if name in UNCONDITIONAL else labels
         for s in (scales or default_scales):
-            x, sc, nfe, sec = run_point(pipe, ev, make(float(s)), labels, steps, seed)
+            x, sc, nfe, sec = run_point(pipe, ev, make(float(s)), lab, steps, seed)
             rows.append(Row(name, float(s), sc.accuracy, sc.fd, sc.out_of_range, sc.contrast, nfe, sec, sc.n))
             grids[(name, float(s))] = x[:20]
             progress(_fmt(rows[-1]))
