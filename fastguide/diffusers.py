@@ -132,6 +132,7 @@ class _PolicyArgs:
             raise ValueError(f"{where}: {' / '.join(given)} skips the unconditional pass per sample, which this "
                              f"guider cannot do ({reason}); guiders that can: {sorted(SKIPPING)}")
         self._skip = SkipPolicy(adaptive, interval, linear_ag, schedule) if policy else None
+        self._schedule = schedule
         self._rows_hook = None
         entries = _encode(adaptive, interval, linear_ag, schedule)
         if entries:
@@ -203,6 +204,7 @@ class _Skipping(_PolicyArgs):
 
     # -- protocol ----------------------------------------------------------------------------------
     def set_state(self, step, num_inference_steps, timestep):
+        self._sample = None  # this step's denoiser input, when the guider needs it (x0 space)
         if self._skip is not None:
             self._skip.start_step(step, num_inference_steps, timestep, f"fastguide.diffusers.{type(self).__name__}")
         super().set_state(step, num_inference_steps, timestep)
@@ -240,8 +242,8 @@ class _Skipping(_PolicyArgs):
 
     def _wants_sample(self):
         skip = self._skip
-        return (skip is not None and skip.in_step and skip.adaptive is not None and skip.adaptive.space == "x0"
-                and self.is_conditional)
+        ag_x0 = skip is not None and skip.in_step and skip.adaptive is not None and skip.adaptive.space == "x0"
+        return (ag_x0 or getattr(self, "_space", "prediction") == "x0") and self.is_conditional
 
     def prepare_models(self, denoiser):
         super().prepare_models(denoiser)
@@ -250,7 +252,9 @@ class _Skipping(_PolicyArgs):
             # it to the denoiser, not to the guider). First positional argument, or sample= / hidden_states=.
             def capture(module, args, kwargs):
                 x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states", kwargs.get("x")))
-                self._skip.sample = x
+                self._sample = x
+                if self._skip is not None:
+                    self._skip.sample = x
 
             self._remove_capture()
             self._capture_hook = denoiser.register_forward_pre_hook(capture, with_kwargs=True)
@@ -423,13 +427,55 @@ class ClassifierFreeZeroStarGuidance(_Skipping, _dg.ClassifierFreeZeroStarGuidan
                                  rescale=float(self.guidance_rescale), original=self.use_original_formulation)
 
 
+_apg_init = _policy_init(_dg.AdaptiveProjectedGuidance)
+
+
+def _apg_space_init(self, *args, space="prediction", **kwargs):
+    where = f"fastguide.diffusers.{type(self).__name__}"
+    if space not in ("prediction", "x0"):
+        raise ValueError(f"{where}: space must be 'prediction' or 'x0', got {space!r}")
+    if space == "x0" and kwargs.get("scheduler") is None:
+        raise ValueError(f"{where}: space='x0' runs APG on the x0 estimates, which needs the noise schedule: "
+                         f"pass scheduler=pipe.scheduler")
+    _apg_init(self, *args, **kwargs)
+    self._space = space
+    if space != "prediction":  # only when set: a default guider keeps exactly diffusers' config
+        self.register_to_config(space=space)
+
+
+_sig = inspect.signature(_apg_init)
+_apg_space_init.__signature__ = _sig.replace(parameters=[
+    *_sig.parameters.values(), inspect.Parameter("space", inspect.Parameter.KEYWORD_ONLY, default="prediction")])
+_apg_space_init.__doc__ = _apg_init.__doc__
+
+
 class AdaptiveProjectedGuidance(_Skipping, _dg.AdaptiveProjectedGuidance):
-    __doc__ = "fastguide-backed " + (_dg.AdaptiveProjectedGuidance.__doc__ or "")
-    __init__ = _policy_init(_dg.AdaptiveProjectedGuidance)
+    __doc__ = "fastguide-backed " + (_dg.AdaptiveProjectedGuidance.__doc__ or "") + """
+    fastguide: space="x0" (with scheduler=pipe.scheduler) runs the projection, the norm clamp and the momentum
+    on the x0 estimates the scheduler forms from the denoiser's input, as the APG paper and ComfyUI's node do,
+    and converts the result back to the model's prediction type (epsilon, v, flow). diffusers' guider (and
+    space="prediction", the default) works on the raw predictions."""
+    __init__ = _apg_space_init
+    _space = "prediction"
 
     def _guide(self, pred_cond, pred_uncond, rows=None):
         if not self._is_apg_enabled():
             return pred_cond
+        if self._space == "x0":
+            x = self._sample
+            if not isinstance(x, torch.Tensor) or x.shape[1:] != pred_cond.shape[1:]:
+                raise ValueError(f"fastguide.diffusers.AdaptiveProjectedGuidance: space='x0' needs the denoiser's "
+                                 f"input of the conditional branch (read between prepare_models / cleanup_models), "
+                                 f"got {None if x is None else tuple(getattr(x, 'shape', ()))}")
+            if rows is not None:
+                x = x.index_select(0, rows.to(x.device))
+            t, sched = self._timestep, self._schedule
+            if sched.invertible(t):  # at sigma 0 x0 does not depend on the prediction: guide the prediction
+                guided = self._guide_space(sched.x0(x, pred_cond, t), sched.x0(x, pred_uncond, t), rows)
+                return sched.from_x0(x, guided, t).to(pred_cond.dtype)
+        return self._guide_space(pred_cond, pred_uncond, rows)
+
+    def _guide_space(self, pred_cond, pred_uncond, rows=None):
         theirs, buf = self.momentum_buffer, None
         if theirs is not None and rows is not None:
             return self._guide_rows(pred_cond, pred_uncond, rows)

@@ -123,6 +123,24 @@ class NoiseSchedule:
             return c * x - (s * c) * p
         return (1.0 + s * s) ** 0.5 * x - s * p
 
+    def invertible(self, timestep):
+        """Whether `from_x0` exists at this timestep (sigma > 0, or a model that predicts x0 itself)."""
+        return (self.prediction_type == "sample" and not self.flow) or self.sigma(timestep) >= 1e-6
+
+    def from_x0(self, sample, x0, timestep):
+        """The prediction (of this schedule's type) whose x0 estimate from `sample` is `x0`: the inverse of
+        `x0`; only where `invertible(timestep)` (at sigma 0 every prediction has the same x0)."""
+        s = self.sigma(timestep)
+        if self.prediction_type == "sample" and not self.flow:
+            return x0
+        x = sample.float() if sample.dtype in (torch.float16, torch.bfloat16) else sample
+        if self.flow:
+            return (x - x0) / s
+        if self.prediction_type == "v_prediction":
+            c = (1.0 + s * s) ** -0.5
+            return (c * x - x0) / (s * c)
+        return ((1.0 + s * s) ** 0.5 * x - x0) / s
+
     def to_json(self):
         return {"class_name": self.class_name, "config": self.config}
 

@@ -369,3 +369,38 @@ def test_ag_space_survives_save_and_load(tmp_path):
     guider.save_pretrained(tmp_path)
     again = fd.ClassifierFreeGuidance.from_pretrained(tmp_path)
     assert again._skip.adaptive == AG(0.97, space="x0")
+
+
+# --- APG in x0 space --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sched_cls", [EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler])
+def test_apg_in_x0_space_equals_apg_on_the_x0_estimates(sched_cls):
+    """space='x0': the denoiser's predictions -> x0 estimates -> APG (momentum, clamp, projection) -> back to the
+    prediction type; equal to doing that by hand with the same momentum buffer."""
+    sch = sched_cls()
+    sched = NoiseSchedule(sch)
+    kw = dict(guidance_scale=5.0, eta=0.0, adaptive_projected_guidance_momentum=-0.5,
+              adaptive_projected_guidance_rescale=2.0)
+    guider = fd.AdaptiveProjectedGuidance(**kw, space="x0", scheduler=sch)
+    cond, uncond, lat = _inputs()
+    ours, _ = protocol_run(guider, cond, uncond, lat)
+    den, x, buf = RowDenoiser(), lat.clone(), fastguide.MomentumBuffer(-0.5)
+    for i in range(N):
+        t = torch.tensor(float(TIMESTEPS[i]))
+        c, u = den(x, t, emb=cond), den(x, t, emb=uncond)
+        g0 = fastguide.apg(sched.x0(x, c, t), sched.x0(x, u, t), 5.0, eta=0.0, norm_threshold=2.0, momentum_buffer=buf)
+        x = x - 0.1 * sched.from_x0(x, g0, t)
+    torch.testing.assert_close(ours, x)
+    plain, _ = protocol_run(fd.AdaptiveProjectedGuidance(**kw), cond, uncond, lat)
+    assert (plain - ours).abs().max() > 1e-3  # the space matters
+
+
+def test_apg_space_is_validated_and_saved(tmp_path):
+    with pytest.raises(ValueError, match="scheduler=pipe.scheduler"):
+        fd.AdaptiveProjectedGuidance(space="x0")
+    with pytest.raises(ValueError, match="space must be"):
+        fd.AdaptiveProjectedGuidance(space="eps", scheduler=EulerDiscreteScheduler())
+    assert "space" not in fd.AdaptiveProjectedGuidance().config  # the default keeps diffusers' config
+    g = fd.AdaptiveProjectedGuidance(guidance_scale=4.0, space="x0", scheduler=EulerDiscreteScheduler())
+    g.save_pretrained(tmp_path)
+    again = fd.AdaptiveProjectedGuidance.from_pretrained(tmp_path)
+    assert again._space == "x0" and again._schedule is not None and again.guidance_scale == 4.0

@@ -43,6 +43,10 @@ def _methods(scheduler=None):
         "cfg_rescale": (lambda s: fg.ClassifierFreeGuidance(guidance_scale=s, guidance_rescale=0.7), (3.0, 8.0)),
         "apg": (lambda s: fg.AdaptiveProjectedGuidance(guidance_scale=s, eta=0.0, adaptive_projected_guidance_rescale=2.0,
                                                        adaptive_projected_guidance_momentum=-0.5), (3.0, 8.0)),
+        # the same APG on the x0 estimates (the paper's and ComfyUI's space) instead of epsilon
+        "apg_x0": (lambda s: fg.AdaptiveProjectedGuidance(guidance_scale=s, eta=0.0, adaptive_projected_guidance_rescale=2.0,
+                                                          adaptive_projected_guidance_momentum=-0.5, space="x0",
+                                                          scheduler=scheduler), (3.0, 8.0)),
         # CFG-Zero*'s optimised scale; its zero-init (predict 0 at the first steps) is for flow-matching models,
         # where a zero velocity leaves x alone: a zero *epsilon* moves a DDIM sample far off (see bench/NOTES.md)
         "cfg_zero_star": (lambda s: fg.ClassifierFreeZeroStarGuidance(guidance_scale=s, zero_init_steps=0), (3.0, 8.0)),
