@@ -377,6 +377,15 @@ class _SkipLayerForward(_PolicyArgs):
     def _cannot_skip(self):
         return "it evaluates a third, perturbed branch whose guidance term needs no unconditional pass"
 
+    @property
+    def is_conditional(self):
+        # diffusers counts the batches as [cond, uncond, cond_skip] (1 and 3 conditional). With CFG off they
+        # are [cond, cond_skip], its count calls the skip batch unconditional and prepare_models never puts
+        # the perturbation hooks on: PAG / SLG without CFG equals no guidance there. Batch 2 is the
+        # conditional skip batch whenever CFG is off.
+        n = self._count_prepared
+        return n in (1, 3) or (n == 2 and not self._is_cfg_enabled())
+
     def forward(self, pred_cond, pred_uncond=None, pred_cond_skip=None):
         cfg_on, slg_on = self._is_cfg_enabled(), self._is_slg_enabled()
         r, orig = float(self.guidance_rescale), self.use_original_formulation

@@ -253,3 +253,18 @@ def test_cfg_zero_star_zero_init_is_for_flow_models_not_epsilon_ones(pipe, ev):
                         lambda: run._methods(pipe.scheduler)["cfg_zero_star_init"][0](3.0))
     assert plain.accuracy >= 0.95
     assert init.accuracy < 0.8 and init.fd > 3 * plain.fd
+
+
+def test_pag_without_cfg_perturbs_where_diffusers_guider_does_not(pipe):
+    """PAG alone (guidance_scale 1: CFG off, the unconditional model's use case). diffusers' guider counts its
+    batches as if CFG were on, calls the perturbed batch unconditional and never applies the perturbation: its
+    result equals no guidance. fastguide's twin perturbs (documented difference)."""
+    from diffusers import guiders as dg
+    labels = [data.NULL_CLASS] * 4
+    kw = dict(guidance_scale=1.0, perturbed_guidance_scale=2.0, perturbed_guidance_start=0.0,
+              perturbed_guidance_stop=1.0, perturbed_guidance_config=run._pag_config())
+    plain = sample(pipe, fg.ClassifierFreeGuidance(guidance_scale=1.0), labels, steps=5).images
+    theirs = sample(pipe, dg.PerturbedAttentionGuidance(**kw), labels, steps=5).images
+    ours = sample(pipe, fg.PerturbedAttentionGuidance(**kw), labels, steps=5).images
+    torch.testing.assert_close(theirs, plain)
+    assert (ours - plain).abs().max() > 0.05
