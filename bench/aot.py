@@ -50,14 +50,17 @@ FREQ_PLANES = {
 
 def plane_classes(dtype):
     """One (H, W) per distinct frequency-kernel specialisation on the matrix route (H, W >= 2, H + W <= 512):
-    the tiles (BM, BN), whether H and W are multiples of 16 (Triton specialises on it) and whether the
-    plane has a single column tile (an int argument equal to 1 becomes a constant)."""
+    the tiles (BM, BN, BK, num_warps, num_stages), whether H and W are multiples of 16 (Triton specialises
+    on it), the grid layout (_col_axis) and, on the 2-D grid, whether the plane has a single column tile (the
+    col_tiles argument equal to 1 becomes a constant)."""
     from fastguide.kernels import frequency as f
     seen = {}
     for H in range(2, 511):
         for W in range(2, 513 - H):
-            bm, bn, *_ = f._tiles(H, W, dtype)
-            seen.setdefault((bm, bn, H % 16 == 0, W % 16 == 0, -(-W // bn) == 1), (H, W))
+            tiles = f._tiles(H, W, dtype)
+            col_axis = f._col_axis(H, W, tiles[0], tiles[1])
+            one_col = not col_axis and -(-W // tiles[1]) == 1
+            seen.setdefault((tiles, H % 16 == 0, W % 16 == 0, col_axis, one_col), (H, W))
     return sorted(seen.values())
 
 
@@ -246,7 +249,7 @@ def main(argv=None):
            f"{'shared':>7s} {'vec':>4s}  grid"
     print(head)
     print("-" * len(head))
-    seen = set()
+    seen, failing = set(), {}
     for case, shape, dt, p, arch, key in rows:
         r = results[key]
         bad = []
@@ -265,6 +268,13 @@ def main(argv=None):
             print(line + ("   FAIL: " + "; ".join(bad) if bad else ""))
         if bad:
             failures.append(f"{case} {DT[dt]} {p.kernel.__name__} sm_{arch}: {'; '.join(bad)}")
+            failing[arch] = failing.get(arch, 0) + 1
+    for arch in archs:  # per arch: distinct specialisations, how many spill, fail to compile, or exceed shared memory
+        res = [results[k] for k in keys if k[-1] == arch]
+        print(f"sm_{arch}: {len(res)} specialisations, {sum(r.get('spills', 0) != 0 for r in res)} spilling, "
+              f"{sum('error' in r for r in res)} compile errors, "
+              f"{sum(r.get('shared', 0) > SHARED_LIMIT[arch] for r in res)} over shared memory, "
+              f"{failing.get(arch, 0)} failing launches")
     print(f"\n{len(failures)} failures, {time.time() - t0:.0f} s")
     for f in failures:
         print("  " + f)

@@ -1,7 +1,8 @@
 """Triton kernel of the frequency-split family (see fastguide/frequency.py).
 
 low = sum_t A_H[t] @ D @ A_W[t]^T per [H, W] plane (D = cond - uncond, or x for the split). One
-program per (plane, BM x BN output tile), so live state stays bounded whatever the plane's size:
+program per (plane, BM x BN output tile), so live state stays bounded whatever the plane's size (grid:
+(planes, row tiles * column tiles), or (planes, row tiles, column tiles) for small tiles, see _col_axis):
 
     low[rows, cols] = sum_t sum_j ( sum_k A_H[t][rows, k] @ D[k, j] ) @ A_W[t]^T[j, cols]
                                     '------ T: [BM, BK] ------'
@@ -41,11 +42,15 @@ def _freq_kernel(c_ptr, u_ptr, ah_ptr, aw_ptr, out_ptr, sl_ptr, sl: tl.float64, 
                  sh: tl.float64, sh_stride, H, W, planes_per_sample, col_tiles,
                  NTERMS: tl.constexpr, SPLIT: tl.constexpr, HAS_SLT: tl.constexpr, HAS_SHT: tl.constexpr,
                  ROW_SCALE: tl.constexpr, ORIGINAL: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr,
-                 BN: tl.constexpr, BK: tl.constexpr):
+                 BN: tl.constexpr, BK: tl.constexpr, COL_AXIS: tl.constexpr):
     p = tl.program_id(0).to(tl.int64)
-    tile = tl.program_id(1)
-    rows = (tile // col_tiles) * BM + tl.arange(0, BM)
-    cols = (tile % col_tiles) * BN + tl.arange(0, BN)
+    if COL_AXIS:  # grid (planes, row tiles, column tiles); col_tiles unused
+        rows = tl.program_id(1) * BM + tl.arange(0, BM)
+        cols = tl.program_id(2) * BN + tl.arange(0, BN)
+    else:  # grid (planes, row tiles * column tiles)
+        tile = tl.program_id(1)
+        rows = (tile // col_tiles) * BM + tl.arange(0, BM)
+        cols = (tile % col_tiles) * BN + tl.arange(0, BN)
     rmask = rows < H
     cmask = cols < W
     base = p * H * W
@@ -97,7 +102,8 @@ def _tiles(H, W, dtype):
     registers per element): BM = 16, BN = 64. Small planes shrink the tile to the plane (>= 16, tl.dot's
     minimum). Planes with a side < 64 take a [16, 32] tile: with the larger tile ptxas settled on an
     occupancy tier (80 / 96 / 128 / 168 registers) and spilled 8-68 bytes on 11 sweep planes; with it, 3
-    sweep specialisations still spill 8 bytes (bench/NOTES.md). 4 warps, num_stages = 2: <= 12 KiB of
+    sweep specialisations still spilled 8 bytes, the column-tile base (gone with the 3-D grid, see
+    _col_axis; bench/NOTES.md). 4 warps, num_stages = 2: <= 12 KiB of
     shared memory; 8 warps, 2 warps, or num_stages 1 or 3 spill on more planes.
     """
     bm = min(16 if dtype == torch.float64 else 32, max(16, triton.next_power_of_2(H)))
@@ -109,22 +115,42 @@ def _tiles(H, W, dtype):
     return bm, min(bn, max(16, triton.next_power_of_2(W))), 16, 4, 2
 
 
-def _plan(x, y, ah, aw, out, lt, lv, ht, hv, original, split, tiles=None):
-    """Launches for contiguous x (cond, or the split's input), y (uncond or None) into out."""
+def _col_axis(H, W, bm, bn):
+    """Whether the column tile gets its own grid axis (grid (planes, row tiles, column tiles)) rather than
+    tile // col_tiles, tile % col_tiles on a 2-D grid: for [16, 32]-or-smaller tiles with several column tiles.
+
+    With the 2-D grid, ptxas spilled the column base (the integer division's result, live across the K loops:
+    4 + 4 bytes, kept at an occupancy tier of 80 / 96 registers) on 3 such sweep specialisations on sm_80
+    (2x48 fp32 one term, 16x33 fp16 / bf16 two terms); from its own axis it is a ctaid read and a shift, which
+    ptxas recomputes. Not for the larger tiles: there the register this frees made ptxas drop a tier (fp32
+    split on sm_80: 144-156 -> 128, spilling 24 bytes of the plane base; fp16 / bf16 split on unaligned planes,
+    sm_90: 188 -> 168, spilling 48 bytes) instead. With one column tile, col_tiles == 1 is specialised to a constant and the division
+    vanishes, so those keep the 2-D grid (2x2 fp32 spilled 8 bytes on sm_90 with the 3-D one). Both choices
+    checked on every sweep specialisation by bench/aot.py --full.
+    """
+    return bm == 16 and bn <= 32 and triton.cdiv(W, bn) > 1
+
+
+def _plan(x, y, ah, aw, out, lt, lv, ht, hv, original, split, tiles=None, col_axis=None):
+    """Launches for contiguous x (cond, or the split's input), y (uncond or None) into out.
+    tiles and col_axis override _tiles / _col_axis (tests)."""
     H, W = x.shape[-2], x.shape[-1]
     planes = x.numel() // (H * W) if x.numel() else 0
     if planes == 0:
         return []
     bm, bn, bk, warps, stages = tiles or _tiles(H, W, x.dtype)
-    col_tiles = triton.cdiv(W, bn)
+    row_tiles, col_tiles = triton.cdiv(H, bm), triton.cdiv(W, bn)
+    if col_axis is None:
+        col_axis = _col_axis(H, W, bm, bn)
     lp, lvv, ls, has_l = scale_arg(lt, lv, x)
     hp, hvv, hs, has_h = scale_arg(ht, hv, x)
-    return [Launch(_freq_kernel, (planes, triton.cdiv(H, bm) * col_tiles),
+    return [Launch(_freq_kernel, (planes, row_tiles, col_tiles) if col_axis else (planes, row_tiles * col_tiles),
                    (x, y if y is not None else x, ah, aw, out, lp, lvv, ls, hp, hvv, hs,
                     H, W, max(1, planes // x.shape[0]) if x.dim() > 2 else 1, col_tiles),
                    dict(NTERMS=ah.shape[0], SPLIT=split, HAS_SLT=has_l, HAS_SHT=has_h,
                         # a 2-D [B, N] input is one plane whose row r is sample r
-                        ROW_SCALE=x.dim() == 2, ORIGINAL=bool(original), ACC=tl_acc(x.dtype), BM=bm, BN=bn, BK=bk),
+                        ROW_SCALE=x.dim() == 2, ORIGINAL=bool(original), ACC=tl_acc(x.dtype), BM=bm, BN=bn, BK=bk,
+                        COL_AXIS=bool(col_axis)),
                    num_warps=warps, num_stages=stages)]
 
 

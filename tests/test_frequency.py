@@ -157,6 +157,28 @@ def test_triton_frequency_split():
     assert rel_err(low.cpu(), fresca_fourier_filter(x.cpu().double(), 1.0, 0.0, 4)) <= 1e-6
 
 
+@pytest.mark.parametrize("col_axis", [None, False], ids=["default", "2d-grid"])
+def test_triton_frequency_default_tiles_and_grids(col_axis):
+    """The launchers' own tiles ([16, 32] for a plane with a side < 64) on both grid layouts: 20x70 is 2 x 3
+    tiles with masked tails on both axes; by default a grid of (planes, row tiles, column tiles), forced to
+    (planes, row tiles * column tiles) as larger tiles launch. fp16 in, fp32 accumulation, two FFT-box terms."""
+    c, u = pair((1, 2, 20, 70), torch.float16, TRITON_DEVICE)
+    ah, aw = frequency.operators("fft_box", 20, 70, 4, 9, TRITON_DEVICE, torch.float32)
+    out = torch.empty_like(c)
+    (launch,) = triton_frequency._plan(c, u, ah, aw, out, None, 1.5, None, 4.0, False, False, col_axis=col_axis)
+    assert (launch.constexprs["BM"], launch.constexprs["BN"]) == (16, 32)
+    assert launch.grid == ((2, 2, 3) if col_axis is None else (2, 6))
+    launch()
+    cd, ud = c.cpu().double(), u.cpu().double()
+    d = cd - ud
+    ah64, aw64 = frequency.operators("fft_box", 20, 70, 4, 9, "cpu", torch.float64)
+    low = sum(ah64[t] @ d @ aw64[t].T for t in range(ah64.shape[0]))
+    assert rel_err(out.cpu(), ud + 1.5 * low + 4.0 * (d - low)) <= 2 * torch.finfo(torch.float16).eps
+    if col_axis is None:  # the public launcher takes the same plan
+        out2 = triton_frequency.frequency_cfg(c, u, ah, aw, None, 1.5, None, 4.0, False)
+        assert torch.equal(out2, out)
+
+
 # --- contract ----------------------------------------------------------------------------------
 def test_opcheck():
     c, u = pair((2, 3, 10, 12))
