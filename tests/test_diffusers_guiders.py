@@ -3,6 +3,7 @@ import pytest
 import torch
 from diffusers import guiders as dg
 
+import fastguide
 import fastguide.diffusers as fd
 
 STEPS = 30
@@ -151,3 +152,52 @@ def test_guider_from_mid_trajectory_keeps_the_momentum():
     back = dg.AdaptiveProjectedGuidance.__new__(dg.AdaptiveProjectedGuidance)
     back.__dict__.update(ours.__dict__)
     _apg_steps([reference, back], 3, start=8)
+
+
+# --- classifier guidance ---------------------------------------------------------------------------------
+def _toy_classifier():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(2 * 4 * 4, 3)
+    return lambda x, t: lin(x.flatten(1)) * (1 + 0.001 * float(t))
+
+
+def test_classifier_guidance_equals_the_formula():
+    from diffusers import DDIMScheduler
+    sch = DDIMScheduler(beta_schedule="squaredcos_cap_v2")
+    clf = _toy_classifier()
+    g = fastguide.diffusers.ClassifierGuidance(clf, classifier_scale=2.5, temperature=0.5, guidance_scale=3.0,
+                                               scheduler=sch)
+    x, c, u = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
+    y = torch.tensor([0, 2, 1])
+    t = torch.tensor(700)
+    g.set_state(step=3, num_inference_steps=10, timestep=t)
+    g.target, g._sample = y, x
+    ours = g.forward(c, u).pred
+    xr = x.clone().requires_grad_(True)
+    logp = torch.log_softmax(clf(xr, t) / 0.5, -1)[torch.arange(3), y].sum()
+    (grad,) = torch.autograd.grad(logp, xr)
+    ab = sch.alphas_cumprod[700]
+    torch.testing.assert_close(ours, u + 3.0 * (c - u) - 2.5 * (1 - ab).sqrt() * grad, atol=1e-5, rtol=1e-5)
+
+
+def test_classifier_guidance_bad_input_and_config(tmp_path):
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+    CG = fastguide.diffusers.ClassifierGuidance
+    with pytest.raises(ValueError, match="scheduler=pipe.scheduler"):
+        CG(_toy_classifier())
+    with pytest.raises(ValueError, match="epsilon-prediction"):
+        CG(_toy_classifier(), scheduler=FlowMatchEulerDiscreteScheduler())
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        CG(_toy_classifier(), temperature=0.0, scheduler=DDIMScheduler())
+    with pytest.raises(TypeError, match="classifier must be a callable"):
+        CG("clf", scheduler=DDIMScheduler())
+    with pytest.raises(TypeError, match="adaptive"):  # no skipping policy: the classifier term needs every step
+        CG(_toy_classifier(), scheduler=DDIMScheduler(), adaptive=fastguide.AG())
+    g = CG(_toy_classifier(), classifier_scale=4.0, temperature=0.7, guidance_scale=2.0, scheduler=DDIMScheduler())
+    g.save_pretrained(tmp_path)
+    again = CG.from_pretrained(tmp_path)
+    assert (again.classifier_scale, again.temperature, again.guidance_scale) == (4.0, 0.7, 2.0)
+    assert again.classifier is None
+    again.set_state(step=0, num_inference_steps=4, timestep=torch.tensor(500))
+    with pytest.raises(ValueError, match="no classifier"):
+        again.forward(torch.randn(1, 2, 4, 4))

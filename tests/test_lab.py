@@ -289,3 +289,17 @@ def test_apg_in_x0_space_saturates_far_less_than_in_epsilon_space(pipe, ev):
     _, x0 = claim_run(pipe, ev, ("apg_x0", 8.0), lambda: run._methods(pipe.scheduler)["apg_x0"][0](8.0))
     assert x0.out_of_range < 0.6 * eps.out_of_range
     assert x0.accuracy >= eps.accuracy - 0.01 and x0.fd < eps.fd * 1.05
+
+
+def test_classifier_guidance_steers_the_unconditional_model(pipe, ev):
+    """Classifier guidance with the shipped noise-conditional classifier on the null class: accuracy against the
+    target digits rises with the scale (measured, 500 samples: 0.07 unguided, 0.76 / 0.98 / 1.00 at 1 / 3 / 10
+    with 300 samples)."""
+    null = torch.full((N_CLAIMS,), data.NULL_CLASS)
+    table = run._methods(pipe.scheduler)
+    acc = {}
+    for s in (1.0, 3.0, 10.0):
+        guider = table["classifier"][0](s)
+        _, sc, _, _ = run.run_point(pipe, ev, guider, null, STEPS, 0, targets=run.labels_for(N_CLAIMS))
+        acc[s] = sc.accuracy
+    assert 0.5 < acc[1.0] < acc[3.0] <= acc[10.0] and acc[3.0] > 0.9, acc

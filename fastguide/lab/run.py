@@ -59,6 +59,10 @@ def _methods(scheduler=None):
         "pag": (lambda s: fg.PerturbedAttentionGuidance(
             guidance_scale=s, perturbed_guidance_scale=1.0, perturbed_guidance_start=0.0, perturbed_guidance_stop=1.0,
             perturbed_guidance_config=_pag_config()), (3.0,)),
+        # classifier guidance (EluCD form, temperature 1) with the lab's noise-conditional classifier, on the
+        # unconditional model: the classifier alone steers the null class towards the target digits
+        "classifier": (lambda s: fg.ClassifierGuidance(_noisy_classifier(), classifier_scale=s, scheduler=scheduler),
+                       (1.0, 3.0, 10.0)),
         "fdg": (lambda s: fg.FrequencyDecoupledGuidance(guidance_scales=[s, max(s / 2, 1.0)], parallel_weights=[1.0, 1.0]),
                 (3.0, 8.0)),
         # Adaptive Guidance with its defaults (cosine of the x0 estimates), and in the prediction (epsilon) space
@@ -70,7 +74,17 @@ def _methods(scheduler=None):
     }
 
 
-UNCONDITIONAL = ("pag_uncond",)  # sampled with the null class (accuracy is then undefined: nan)
+# sampled with the null class; accuracy is then against the target digits of guiders that take one
+# (classifier guidance), undefined (nan) otherwise
+UNCONDITIONAL = ("pag_uncond", "classifier")
+_CLASSIFIER = []
+
+
+def _noisy_classifier():
+    if not _CLASSIFIER:
+        from . import noisy_classifier
+        _CLASSIFIER.append(noisy_classifier())
+    return _CLASSIFIER[0]
 
 
 @dataclass
@@ -91,17 +105,21 @@ def labels_for(n):
     return torch.arange(n) % data.NUM_CLASSES
 
 
-def run_point(pipe, evaluator, guider, labels, steps, seed, batch=500):
-    """Sample len(labels) images with `guider` (same noise for every method: seeded per batch), score them."""
+def run_point(pipe, evaluator, guider, labels, steps, seed, batch=500, targets=None):
+    """Sample len(labels) images with `guider` (same noise for every method: seeded per batch), score them
+    against `targets` (default: the labels). A guider with a `target` (classifier guidance) gets the targets."""
     xs, nfe, t0 = [], 0, time.time()
+    targets = labels if targets is None else targets
     for k, start in enumerate(range(0, len(labels), batch)):
         lab = labels[start:start + batch]
+        if hasattr(guider, "target"):
+            guider.target = targets[start:start + batch]
         g = torch.Generator().manual_seed(seed + k)
         out = pipe(class_labels=lab, num_inference_steps=steps, generator=g, guider=guider, output_type="latent")
         xs.append(out.images)
         nfe += out.nfe
     x = torch.cat(xs)
-    return x, evaluator(x, labels), nfe / len(labels), time.time() - t0
+    return x, evaluator(x, targets), nfe / len(labels), time.time() - t0
 
 
 def sweep(methods, n, steps, seed=0, scales=None, progress=print):
@@ -114,7 +132,9 @@ def sweep(methods, n, steps, seed=0, scales=None, progress=print):
         make, default_scales = table[name]
         lab = torch.full_like(labels, data.NULL_CLASS) if name in UNCONDITIONAL else labels
         for s in (scales or default_scales):
-            x, sc, nfe, sec = run_point(pipe, ev, make(float(s)), lab, steps, seed)
+            guider = make(float(s))
+            targets = labels if hasattr(guider, "target") else lab
+            x, sc, nfe, sec = run_point(pipe, ev, guider, lab, steps, seed, targets=targets)
             rows.append(Row(name, float(s), sc.accuracy, sc.fd, sc.out_of_range, sc.contrast, nfe, sec, sc.n))
             grids[(name, float(s))] = x[:20]
             progress(_fmt(rows[-1]))
