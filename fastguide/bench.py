@@ -85,18 +85,20 @@ def _pure(fn):
     return lambda sets: fn
 
 
+# Settings that make a diffusers guider time its combine on every call (no zero-init step, PAG on every
+# step with a layer to name); the class itself comes from the method registry (`Method.twin`).
+_PEER_SETTINGS = {"cfg_zero_star": dict(zero_init_steps=0),
+                  "pag": dict(perturbed_guidance_layers=[0], perturbed_guidance_start=0.0, perturbed_guidance_stop=1.0)}
+
+
 def _diffusers_guider(kind, **kw):
-    from diffusers.guiders import (AdaptiveProjectedGuidance, ClassifierFreeGuidance,
-                                   ClassifierFreeZeroStarGuidance, PerturbedAttentionGuidance)
-    if kind == "cfg":
-        g = ClassifierFreeGuidance(**kw)
-    elif kind == "cfg_zero_star":
-        g = ClassifierFreeZeroStarGuidance(zero_init_steps=0, **kw)
-    elif kind == "apg":
-        g = AdaptiveProjectedGuidance(**kw)
-    else:
-        g = PerturbedAttentionGuidance(perturbed_guidance_layers=[0], perturbed_guidance_start=0.0,
-                                       perturbed_guidance_stop=1.0, **kw)
+    from diffusers import guiders
+
+    from . import methods
+    method = methods.get(kind, "fastguide bench")
+    if method.twin is None:
+        raise ValueError(f"fastguide bench: {kind!r} has no diffusers peer guider")
+    g = getattr(guiders, method.twin)(**_PEER_SETTINGS.get(kind, {}), **kw)
     g.set_state(step=0, num_inference_steps=10, timestep=None)
     g.prepare_inputs({})  # APG creates its momentum buffer at step 0
     g.set_state(step=1, num_inference_steps=10, timestep=None)
