@@ -28,7 +28,22 @@ def _pag_config():
     return LayerSkipConfig(indices=[0], fqn="mid_block.attentions", skip_attention_scores=True)
 
 
-def _methods(scheduler=None):
+def linear_ag_guider(pipe, scale, steps=None, calibration=100, num_inference_steps=20):
+    """A CFG guider with LinearAG calibrated on this pipeline: `calibration` full-CFG samples at `scale` (seed
+    123, not the evaluation seed) recorded, then the unconditional pass predicted at `steps` (default: every
+    other step, 1, 3, ..., which measured best on the lab: chained predictions drift, see bench/NOTES.md)."""
+    from .. import diffusers as fg
+    from ..pipelines import LinearAG, fit_linear_ag
+    steps = list(range(1, num_inference_steps, 2)) if steps is None else steps
+    recorder = fg.ClassifierFreeGuidance(guidance_scale=scale)
+    with fg.recording(recorder) as runs:
+        pipe(class_labels=labels_for(calibration), num_inference_steps=num_inference_steps, guider=recorder,
+             generator=torch.Generator().manual_seed(123), output_type="latent")
+    lag = LinearAG(fit_linear_ag(runs, steps), num_inference_steps)
+    return fg.ClassifierFreeGuidance(guidance_scale=scale, linear_ag=lag)
+
+
+def _methods(scheduler=None, pipe=None):
     """name -> (guider factory f(scale), default scales). The guiders are fastguide.diffusers twins of
     diffusers' guiders, i.e. what a user runs in a modular pipeline; the whole-pass savers (AG, interval,
     guiding only the first steps) are CFG guiders with a policy. `scheduler`: the pipeline's (sigmas)."""
@@ -71,6 +86,8 @@ def _methods(scheduler=None):
         # fixed baselines AG must beat: guidance limited to a sigma interval; guidance on the first 5 of 20 steps
         "interval": (lambda s: cfg(guidance_scale=s, interval=(0.15, 1.5), scheduler=scheduler), (3.0, 5.0, 8.0)),
         "first_steps": (lambda s: cfg(guidance_scale=s, start=0.0, stop=0.25), (3.0, 5.0, 8.0)),
+        # LinearAG: the unconditional pass predicted on every other step, calibrated on 100 other samples
+        "linear_ag": (lambda s: linear_ag_guider(pipe, s), (3.0, 5.0, 8.0)),
     }
 
 
@@ -125,7 +142,7 @@ def run_point(pipe, evaluator, guider, labels, steps, seed, batch=500, targets=N
 def sweep(methods, n, steps, seed=0, scales=None, progress=print):
     from . import evaluator, pipeline
     pipe, ev = pipeline(), evaluator()
-    table = _methods(pipe.scheduler)
+    table = _methods(pipe.scheduler, pipe)
     labels = labels_for(n)
     rows, grids = [], {}
     for name in methods:
