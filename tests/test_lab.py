@@ -313,3 +313,9 @@ def test_linear_ag_on_alternate_steps_is_close_to_cfg(pipe, ev):
     out, sc = claim_run(pipe, ev, ("linear_ag", 3.0), lambda: run.linear_ag_guider(pipe, 3.0))
     assert out.nfe == N_CLAIMS * 30
     assert sc.accuracy >= full.accuracy - 0.01 and abs(sc.fd - full.fd) <= 0.05 * full.fd
+
+
+def test_methods_help_lists_every_lab_method():
+    import argparse
+    text = " ".join(run.add_arguments(argparse.ArgumentParser()).format_help().split())
+    assert all(name in text for name in run._methods()), [n for n in run._methods() if n not in text]

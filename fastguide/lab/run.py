@@ -17,7 +17,7 @@ import torch
 from . import data
 
 EPILOG = """examples:
-  fastguide lab --quick                       a few minutes: 200 samples per point, fewer scales
+  fastguide lab --quick                       a few minutes: 200 samples per point
   fastguide lab --methods cfg,apg --csv lab.csv --plot lab.png
   python -m fastguide.lab train               reproduce the shipped weights from seed"""
 
@@ -210,7 +210,9 @@ def add_arguments(p):
     p.add_argument("--quick", action="store_true", help="200 samples per point instead of 1000 (a few minutes)")
     p.add_argument("--samples", type=int, default=None, help="samples per (method, scale) point")
     p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20, DDIM)")
-    p.add_argument("--methods", default=None, help="comma-separated subset (default: all)")
+    p.add_argument("--methods", default=None, help="comma-separated subset (default: all): cfg, cfg_rescale, apg, apg_x0, "
+                   "cfg_zero_star, cfg_zero_star_init, pag_uncond, pag, classifier, fdg, ag, ag_prediction, interval, "
+                   "first_steps, linear_ag")
     p.add_argument("--scales", default=None, help="comma-separated scales for every method (default: per method)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--csv", metavar="PATH", help="write the rows as CSV")
