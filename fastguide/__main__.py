@@ -31,6 +31,7 @@ def info():
     from . import _isa, methods, ops
     print(f"fastguide {__version__}  (torch {torch.__version__}, CUDA available: {torch.cuda.is_available()})")
     print(f"  CPU ISA: {_isa.describe()}")
+    print(f"  lab: {_lab_status()}")
     print("ops:")
     for name, per_device in ops.backends().items():
         print(f"  {name}")
@@ -40,6 +41,23 @@ def info():
     for name, m in methods.METHODS.items():
         print(f"  {name:<14} {m.summary}  [equals: {m.peer}]")
     return 0
+
+
+def _lab_status():
+    """Whether `fastguide lab` can run here: its weights shipped, its optional dependencies importable."""
+    import importlib.util
+    import os
+
+    from .lab import models
+    missing = [f for f in models.WEIGHTS.values() if not os.path.isfile(os.path.join(models.WEIGHTS_DIR, f))]
+    if missing:
+        return f"weights missing ({', '.join(missing)}): run `{models.TRAIN_COMMAND}`"
+    deps = [pkg for mod, pkg in (("sklearn", "scikit-learn"), ("safetensors", "safetensors"), ("diffusers", "diffusers"))
+            if importlib.util.find_spec(mod) is None]
+    size = sum(os.path.getsize(os.path.join(models.WEIGHTS_DIR, f)) for f in models.WEIGHTS.values()) / 1e6
+    if deps:
+        return f"weights present ({size:.1f} MB), needs {', '.join(deps)}: pip install 'fastguide[lab]'"
+    return f"ready (weights {size:.1f} MB; `fastguide lab --quick`)"
 
 
 def build_parser():

@@ -36,6 +36,7 @@ def test_info_lists_every_op_and_backend():
     assert "C++ (fastguide._C)" in out and "Triton" in out
     from fastguide import _C, METHODS
     assert re.search(rf"^  CPU ISA: {_C.get_cpu_isa()} ", out, re.M)
+    assert re.search(r"^  lab: ready \(weights \d+\.\d MB", out, re.M)  # weights shipped, sklearn installed
     for name in METHODS:  # every registered guidance method, with its peer
         assert re.search(rf"^  {name} +.*\[equals: ", out, re.M)
 
