@@ -255,8 +255,6 @@ class _Skipping(_PolicyArgs):
             def capture(module, args, kwargs):
                 x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states", kwargs.get("x")))
                 self._sample = x
-                if self._skip is not None:
-                    self._skip.sample = x
 
             self._remove_capture()
             self._capture_hook = denoiser.register_forward_pre_hook(capture, with_kwargs=True)
@@ -314,8 +312,8 @@ class _Skipping(_PolicyArgs):
             raise ValueError(f"{where}: step {skip.step} expects an unconditional prediction of {expected} rows, "
                              f"got {got}")
         if (skip.adaptive is not None and skip.adaptive.space == "x0" and expected and self._ag_observes()
-                and (not isinstance(skip.sample, torch.Tensor) or skip.sample.shape != pred_cond.shape)):
-            x = skip.sample
+                and (not isinstance(self._sample, torch.Tensor) or self._sample.shape != pred_cond.shape)):
+            x = self._sample
             raise ValueError(f"{where}: AG(space='x0') needs the denoiser's input sample of the conditional branch "
                              f"(shape {tuple(pred_cond.shape)}), got {None if x is None else tuple(getattr(x, 'shape', ()))}; "
                              f"run the denoiser between guider.prepare_models / cleanup_models, or use "
@@ -349,7 +347,7 @@ class _Skipping(_PolicyArgs):
             if skip.adaptive is not None and self._ag_observes():
                 a, b = cond_rows, guided
                 if skip.adaptive.space == "x0":
-                    x = skip.sample
+                    x = self._sample
                     if idx is not None:
                         x = x.index_select(0, idx)
                     a = skip.schedule.x0(x, cond_rows, self._timestep)

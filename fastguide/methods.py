@@ -99,7 +99,7 @@ register(Method(
     name="cfg", summary="classifier-free guidance (+ guidance rescale)",
     peer="diffusers ClassifierFreeGuidance", twin="ClassifierFreeGuidance",
     params={"scale": None, **COMMON}, example={"rescale": 0.7},
-    guider_config=lambda p: _twin_common(p),
+    guider_config=_twin_common,
     combine=lambda x, p, state, step: ops.cfg(x["cond"], x["uncond"], p["scale"], rescale=p["rescale"],
                                               original=p["original"])))
 

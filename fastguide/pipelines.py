@@ -319,18 +319,8 @@ class _Guidance:
 
     def __init__(self, pipe, layout, guidance, params, adaptive=None, interval=None, linear_ag=None):
         self.method = methods.get(guidance, "fastguide.enable")
-        if adaptive is not None and not isinstance(adaptive, AG):
-            raise TypeError(f"fastguide.enable: adaptive must be a fastguide.AG, got {type(adaptive).__name__}")
-        if interval is not None:
-            if (not isinstance(interval, (tuple, list)) or len(interval) != 2
-                    or not all(isinstance(v, (int, float)) and not math.isnan(v) for v in interval)):
-                raise ValueError(f"fastguide.enable: interval must be (sigma_lo, sigma_hi), got {interval!r}")
-            if interval[0] > interval[1]:
-                raise ValueError(f"fastguide.enable: interval needs sigma_lo <= sigma_hi, got {tuple(interval)}")
-        if linear_ag is not None and not isinstance(linear_ag, LinearAG):
-            raise TypeError(f"fastguide.enable: linear_ag must be a fastguide.LinearAG, got {type(linear_ag).__name__}")
-        if linear_ag is not None and (adaptive is not None or interval is not None):
-            raise ValueError("fastguide.enable: linear_ag cannot be combined with adaptive or interval")
+        from .skip import check_policy  # (skip.py imports this module's AG / LinearAG: a local import)
+        adaptive, interval, linear_ag = check_policy("fastguide.enable", adaptive, interval, linear_ag)
         if ((adaptive is not None or interval is not None or linear_ag is not None)
                 and not self.method.can_skip_uncond):
             usable = sorted(m.name for m in methods.METHODS.values() if m.can_skip_uncond)
@@ -343,7 +333,7 @@ class _Guidance:
         self.linear_ag = linear_ag
         self.record = None      # calibration: per-step (cond, uncond) of full-CFG runs
         self.history = None     # LinearAG: the previous step's (cond, uncond)
-        self.adaptive, self.interval = adaptive, (tuple(map(float, interval)) if interval is not None else None)
+        self.adaptive, self.interval = adaptive, interval
         self.report = Report()
         self.done = None  # per-sample AG flags of the current trajectory
         self.pipe, self.layout, self.guidance = pipe, layout, guidance

@@ -184,7 +184,6 @@ class SkipPolicy:
         self.step = None
         self.sigma = None
         self.in_step = False  # between start_step and the guider call of that step
-        self.sample = None    # AG in x0 space: this step's denoiser input (conditional branch)
 
     def start_step(self, step, num_inference_steps, timestep, where):
         # Everything that can fail is checked before any state changes.
@@ -205,7 +204,7 @@ class SkipPolicy:
                              f"unconditional prediction was not evaluated")
         if new_run:
             self.done, self.history, self.report = None, None, Report()
-        self.step, self.sigma, self.sample = step, sigma, None
+        self.step, self.sigma = step, sigma
         self.report.steps = step + 1
         if self.interval is not None and not self.interval[0] <= sigma <= self.interval[1]:
             self.rows = []
