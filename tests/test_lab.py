@@ -98,10 +98,14 @@ def test_pipeline_output_and_nfe(pipe):
 
 
 def test_batched_branches_equal_one_forward_per_branch(pipe):
-    """Hook-free branches run as one forward of the concatenated batch; a guider with model hooks (PAG) runs
-    one forward per branch. With PAG's perturbed scale at 0 both routes must give CFG's samples."""
+    """A guider without model hooks (diffusers' own CFG) runs as one forward of the concatenated batch; guiders
+    with hooks (fastguide's CFG, PAG) run one forward per branch. All must give the same samples."""
+    from diffusers import guiders as dg
     labels = [0, 1, 2, 3]
+    batched = sample(pipe, dg.ClassifierFreeGuidance(guidance_scale=3.0), labels, steps=6)
     cfg = sample(pipe, fg.ClassifierFreeGuidance(guidance_scale=3.0), labels, steps=6)
+    torch.testing.assert_close(batched.images, cfg.images, atol=1e-4, rtol=1e-4)
+    assert batched.nfe == cfg.nfe
     pag0 = sample(pipe, fg.PerturbedAttentionGuidance(guidance_scale=3.0, perturbed_guidance_scale=0.0,
                                                       perturbed_guidance_config=run._pag_config()), labels, steps=6)
     assert cfg.nfe == 4 * 2 * 6

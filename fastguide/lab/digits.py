@@ -52,7 +52,9 @@ class DigitsPipeline(DiffusionPipeline):
         return guider
 
     def _denoise(self, guider, batches, t):
-        """Set `noise_pred` on every branch batch: one forward for all hook-free branches."""
+        """Set `noise_pred` on every branch batch: one forward for all branches when the guider puts no hooks on
+        the model (its prepare_models is diffusers' base one, e.g. diffusers' own CFG); fastguide's guiders
+        override prepare_models (row slicing, reading the denoiser input) and run one forward per branch."""
         hooks = type(guider).prepare_models is not BaseGuidance.prepare_models
         if len(batches) > 1 and not hooks:
             sample = torch.cat([b.sample for b in batches])
@@ -71,7 +73,7 @@ class DigitsPipeline(DiffusionPipeline):
     def __call__(self, class_labels, guidance_scale=None, num_inference_steps=20, generator=None, output_type="pt",
                  guider=None, latents=None, return_dict=True):
         """class_labels: digits 0..9 (10 = the null class: unconditional sampling). guidance_scale: the
-        default CFG guider's scale (3.0), or overrides the scale of `guider` / `self.guider` (a copy).
+        default CFG guider's scale (3.0), or the scale of `guider` / `self.guider` for this call.
         output_type: "pt" (images in [0, 1]), "np", or "latent" (model space, unclipped)."""
         labels = torch.as_tensor(class_labels, dtype=torch.int64, device=self.device).flatten()
         if labels.numel() == 0 or labels.min() < 0 or labels.max() > data.NULL_CLASS:
