@@ -19,12 +19,16 @@ replaces its settings; `disable` restores the class, and the denoiser once no en
 Pass guidance_rescale=0 to the pipeline call and `rescale=` here (the pipeline's own rescale would
 act on [g, g] and is the identity up to rounding).
 """
+import contextlib
 import contextvars
+import copy
 import functools
 import inspect
 import math
+import os
 import weakref
 from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 
@@ -123,6 +127,7 @@ class Report:
     nfe: int = 0                 # denoiser rows evaluated (one row = one sample's prediction)
     nfe_skipped: int = 0         # unconditional rows not evaluated (interval or AG)
     ag_switch_step: list = field(default_factory=list)  # per sample: step where AG stopped the uncond pass
+    branch_batched: int = 0      # per-branch pipelines: steps whose two branches ran as one forward
 
 
 
@@ -130,6 +135,9 @@ class Report:
 # the pipeline only through this: a module shared by several pipelines guides a call only while one of its
 # enabled pipelines is running, with that pipeline's settings.
 _ACTIVE = contextvars.ContextVar("fastguide_active_pipeline", default=None)
+# The branch of the denoiser call in progress, from the pipeline's `denoiser.cache_context("cond" / "uncond")`
+# (the per-branch pipelines: Flux true CFG, QwenImage, Wan, HunyuanVideo); None outside such a context.
+_BRANCH = contextvars.ContextVar("fastguide_branch", default=None)
 
 
 # --- which pipelines, and how their denoiser calls lay out the batch ----------------------------------
@@ -159,6 +167,57 @@ def _pag_layout(state, bound):
     return "pag" if state.pipe.do_perturbed_attention_guidance else "cfg"
 
 
+@dataclass(frozen=True)
+class _Branches:
+    """Pipelines that call the denoiser once per branch, `cache_context("cond")` then `cache_context("uncond")`,
+    combine the two themselves and pass the result to `scheduler.step`. fastguide computes its guided
+    prediction at the uncond call and hands it to the scheduler in place of the pipeline's combine (the
+    scheduler's `step` is wrapped for the duration of the call). With `batch_branches` (the default) the cond
+    call is deferred: it returns a buffer, and the uncond call runs both branches as one forward of 2B rows
+    where the two calls' arguments allow it (same shapes; everything not batched identical), filling the buffer
+    before the pipeline reads it. That needs the prediction to have the latents' shape (`defer`)."""
+    cfg_on: Callable                  # state -> whether this pipeline call runs the uncond branch
+    scale: Callable                   # (state, attr) -> the pipeline's own scale for the denoiser `attr`
+    timestep_scale: float = 1.0       # the denoiser gets timestep / timestep_scale (Flux, QwenImage: 1000)
+    post: Optional[Callable] = None   # (cond, guided) -> what the pipeline does after its combine
+    defer: bool = True
+
+    def __call__(self, state, bound):
+        return "branch" if self.cfg_on(state) else None
+
+
+def _has_negative(call, pooled):
+    """The pipelines' own `has_neg_prompt` test (Flux and HunyuanVideo also need the pooled embeddings)."""
+    embeds = call.get("negative_prompt_embeds") is not None
+    if pooled:
+        embeds = embeds and call.get("negative_pooled_prompt_embeds") is not None
+    return call.get("negative_prompt") is not None or embeds
+
+
+def _true_cfg(pooled):
+    return lambda state: state.call["true_cfg_scale"] > 1 and _has_negative(state.call, pooled)
+
+
+def _true_cfg_scale(state, attr):
+    return state.call["true_cfg_scale"]
+
+
+def _wan_scale(state, attr):
+    """Wan 2.2's low-noise expert (transformer_2) uses guidance_scale_2."""
+    return state.pipe._guidance_scale_2 if attr == "transformer_2" else state.pipe._guidance_scale
+
+
+def _qwen_renorm(cond, guided):
+    # QwenImage rescales its guided prediction to the conditional prediction's norm, per token (the last dim
+    # holds a token's channels): kept so guidance="cfg" equals the stock pipeline. Plain torch: two norms.
+    return guided * (torch.norm(cond, dim=-1, keepdim=True) / torch.norm(guided, dim=-1, keepdim=True))
+
+
+_FLUX = _Branches(_true_cfg(pooled=True), _true_cfg_scale, timestep_scale=1000.0)
+_QWEN = _Branches(_true_cfg(pooled=False), _true_cfg_scale, timestep_scale=1000.0, post=_qwen_renorm)
+_HUNYUAN_VIDEO = _Branches(_true_cfg(pooled=True), _true_cfg_scale)
+_WAN = _Branches(lambda state: state.pipe.do_classifier_free_guidance, _wan_scale)
+
 _PATTERNS = None
 
 
@@ -178,7 +237,13 @@ def _patterns():
             ("StableDiffusion3Pipeline", "transformer", _sd3_layout),
             ("StableDiffusionPAGPipeline", "unet", _pag_layout),
             ("StableDiffusionXLPAGPipeline", "unet", _pag_layout),
-            ("PixArtSigmaPipeline", "transformer", _call_scale_layout)) if hasattr(d, name)]
+            ("PixArtSigmaPipeline", "transformer", _call_scale_layout),
+            ("FluxPipeline", "transformer", _FLUX),
+            ("QwenImagePipeline", "transformer", _QWEN),
+            ("QwenImageImg2ImgPipeline", "transformer", _QWEN),
+            ("QwenImageInpaintPipeline", "transformer", _QWEN),
+            ("HunyuanVideoPipeline", "transformer", _HUNYUAN_VIDEO),
+            ("WanPipeline", "transformer", _WAN)) if hasattr(d, name)]
     return _PATTERNS
 
 
@@ -230,13 +295,30 @@ class _Hook:
 
         def forward(*args, **kwargs):
             state = _ACTIVE.get()
-            if state is None or state.hook is not self:
+            if state is None or not state.uses(self):
                 return self.original(*args, **kwargs)
-            return state(self.original, args, kwargs)
+            return state(self, args, kwargs)
 
         forward.fastguide_hook = self
         self.forward = forward
         module.forward = forward
+        # The branch of a per-branch pipeline's call: its `cache_context(name)` also sets _BRANCH.
+        self.saved_cache_context = module.__dict__.get("cache_context", _ABSENT)
+        self.cache_context = None
+        if callable(getattr(module, "cache_context", None)):
+            inner = module.cache_context
+
+            @contextlib.contextmanager
+            def cache_context(name, *args, **kwargs):
+                token = _BRANCH.set(name)
+                try:
+                    with inner(name, *args, **kwargs):
+                        yield
+                finally:
+                    _BRANCH.reset(token)
+
+            self.cache_context = cache_context
+            module.cache_context = cache_context
 
     @staticmethod
     def of(module):
@@ -249,7 +331,6 @@ class _Hook:
 
     def add(self, state):
         self.users.append(weakref.ref(state, self._dropped))
-        state.hook = self
         self._sync_pag()
 
     def _dropped(self, ref):
@@ -265,6 +346,11 @@ class _Hook:
                 del self.module.forward
             else:
                 self.module.forward = self.saved_forward
+            if self.cache_context is not None and self.module.__dict__.get("cache_context") is self.cache_context:
+                if self.saved_cache_context is _ABSENT:
+                    del self.module.cache_context
+                else:
+                    self.module.cache_context = self.saved_cache_context
 
     def _sync_pag(self):
         """Gated processors on exactly the layers some user perturbs; the others get their processor back."""
@@ -279,7 +365,7 @@ class _Hook:
     def _gate(self, name):
         def gate():
             state = _ACTIVE.get()
-            return state is not None and state.hook is self and name in state.pag_layers
+            return state is not None and state.uses(self) and name in state.pag_layers
         return gate
 
 
@@ -300,11 +386,8 @@ def _hooked_class(cls):
             if state is None:
                 return cls.__call__(self, *args, **kwargs)
             state.begin(inspect.signature(cls.__call__).bind(self, *args, **kwargs))  # checks before any work
-            token = _ACTIVE.set(state)
-            try:
+            with state.running():
                 return cls.__call__(self, *args, **kwargs)
-            finally:  # also when the call raises: the next call must not see this pipeline as running
-                _ACTIVE.reset(token)
 
         _CLASSES[cls] = type(cls)(cls.__name__, (cls,), {
             "__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
@@ -341,7 +424,11 @@ class _Guidance:
         self.step, self.last_t = -1, None
         self.last = None        # this step's (cond, guided), for SD3's skip-layer term
         self.state = self.method.new_state(self.params) if self.method.new_state is not None else None
-        self.hook, self.attr = None, None  # set by enable
+        self.hooks = {}                     # denoiser attribute -> its _Hook (set by enable)
+        self.attr = None                    # the attribute of the denoiser call in progress
+        self.pending = None                 # per-branch pipelines: this step's cond call (_Pending)
+        self.guided_out = None              # per-branch pipelines: the guided prediction for scheduler.step
+        self.batch_branches = True          # per-branch pipelines: both branches in one forward when possible
         self.call = None                    # the running pipeline call's arguments
         # PixArt's learned sigma: the denoiser outputs [prediction, sigma] channels and the pipeline drops the
         # sigma half after CFG, so only the first `pred_channels` are guided (norms and spectra included).
@@ -358,9 +445,10 @@ class _Guidance:
         name = type(self.pipe).__name__
         call.apply_defaults()
         self.call = call.arguments
-        if _unwrap(getattr(self.pipe, self.attr, None)) is not self.hook.module:
-            raise RuntimeError(f"fastguide: {name}.{self.attr} was replaced after fastguide.enable; call "
-                               f"fastguide.enable(pipe, ...) again so the new {self.attr} is guided")
+        for attr, hook in self.hooks.items():
+            if _unwrap(getattr(self.pipe, attr, None)) is not hook.module:
+                raise RuntimeError(f"fastguide: {name}.{attr} was replaced after fastguide.enable; call "
+                                   f"fastguide.enable(pipe, ...) again so the new {attr} is guided")
         if self.layout is _pag_layout:
             pag_scale = self.call["pag_scale"]
             fusable = self.guidance == "cfg" and not (self.adaptive or self.interval or self.linear_ag)
@@ -377,6 +465,7 @@ class _Guidance:
                                  f"LinearAG predicts one unconditional pass per step from the previous one, so it "
                                  f"needs a scheduler with one evaluation per step (e.g. Euler, DPMSolverMultistep)")
         self.step, self.last_t, self.done, self.history, self.last = -1, None, None, None, None
+        self.pending = self.guided_out = None
         self.report = Report()
         self.pipe.fastguide_report = self.report
         if self.method.reset_state is not None:
@@ -386,6 +475,8 @@ class _Guidance:
         """A scale setting: None follows the pipeline call's guidance_scale; a callable is a per-step schedule
         `f(step, timestep) -> float or tensor` (a tensor scale changes per step without recompiling)."""
         value = self.params[name]
+        if value is None and isinstance(self.layout, _Branches):
+            return float(self.layout.scale(self, self.attr))
         if value is None:  # the pipeline's property when it has one: step callbacks may change it mid-call
             has_property = isinstance(getattr(type(self.pipe), "guidance_scale", None), property)
             return float(self.pipe.guidance_scale if has_property else self.call["guidance_scale"])
@@ -434,11 +525,45 @@ class _Guidance:
         self.last = (cond, guided)
         return _with_prediction(out, torch.cat([guided] * copies))
 
-    def __call__(self, forward, args, kwargs):
-        bound = self.hook.signature.bind(*args, **kwargs)
+    def uses(self, hook):
+        return any(h is hook for h in self.hooks.values())
+
+    @contextlib.contextmanager
+    def running(self):
+        """The pipeline's call in progress: this state is the active one, and for per-branch pipelines the
+        scheduler's `step` takes the guided prediction in place of the pipeline's own combine."""
+        token = _ACTIVE.set(self)
+        sch = self.pipe.scheduler if isinstance(self.layout, _Branches) else None
+        saved = sch.__dict__.get("step", _ABSENT) if sch is not None else None
+        if sch is not None:
+            inner = sch.step
+
+            @functools.wraps(inner)
+            def step(model_output, *args, **kwargs):
+                if _ACTIVE.get() is self:
+                    model_output = self._take_guided(model_output)
+                return inner(model_output, *args, **kwargs)
+
+            sch.step = step
+        try:
+            yield
+        finally:  # also when the call raises: the next call must not see this pipeline as running
+            if sch is not None and sch.__dict__.get("step") is step:
+                if saved is _ABSENT:
+                    del sch.step
+                else:
+                    sch.step = saved
+            _ACTIVE.reset(token)
+
+    def __call__(self, hook, args, kwargs):
+        forward = hook.original
+        self.attr = next(a for a, h in self.hooks.items() if h is hook)
+        bound = hook.signature.bind(*args, **kwargs)
         layout = self.layout(self, bound)
         if layout is None:
             return forward(*args, **kwargs)
+        if layout == "branch":
+            return self._branch_call(forward, bound)
         if layout == "slg":
             return self._skip_layer_call(forward, args, kwargs)
         sample_name = next(iter(bound.arguments))  # sample / hidden_states: the batched latents
@@ -514,11 +639,7 @@ class _Guidance:
 
     def _skipping_call(self, forward, bound, batch, half, t, sample_name):
         """Evaluate the unconditional rows only of samples that still need guidance (interval, AG)."""
-        if self.done is None:
-            self.done = [False] * half
-            self.report.ag_switch_step = [None] * half
-        in_interval = self.interval is None or self.interval[0] <= self._sigma(t) <= self.interval[1]
-        guided = [i for i in range(half) if in_interval and not self.done[i]]
+        guided = self._guided_rows(half, t)
         rows = guided + list(range(half, batch))  # uncond rows still needed, then every cond row
         if len(rows) < batch:
             idx = torch.tensor(rows, device=bound.arguments[next(iter(bound.arguments))].device)
@@ -534,23 +655,202 @@ class _Guidance:
         if n:
             gidx = torch.tensor(guided, device=pred.device)
             g = self.guide(cond.index_select(0, gidx), pred[:n], None)
-            if self.adaptive is not None:
-                c_sel, g_sel = cond.index_select(0, gidx), g
-                if self.pred_channels is not None:
-                    c_sel, g_sel = c_sel[:, :self.pred_channels].contiguous(), g[:, :self.pred_channels].contiguous()
-                if self.schedule is not None:  # AG(space="x0"): the x0 estimates from the denoiser's own input
-                    x = bound.arguments[sample_name][n:].index_select(0, gidx)
-                    c_sel, g_sel = self.schedule.x0(x, c_sel, t), self.schedule.x0(x, g_sel, t)
-                cos = ops.guidance_stats(c_sel, g_sel, g_sel).cos_cond_guided.tolist()  # the policy's sync
-                for i, c in zip(guided, cos):
-                    if c > self.adaptive.threshold and not self.done[i]:
-                        self.done[i] = True
-                        self.report.ag_switch_step[i] = self.step
+            self._observe(guided, cond.index_select(0, gidx), g, bound.arguments[sample_name][n:], gidx, t)
             if result is None:
                 result = g
             else:
                 result.index_copy_(0, gidx, g)
         return self._guided(out, cond, result)
+
+
+    # --- AG / interval bookkeeping, shared by the batched and the per-branch calls ---------------------
+    def _guided_rows(self, batch, t):
+        """The samples that get guidance (an unconditional evaluation) at this step: inside the interval
+        and not yet switched off by AG."""
+        if self.adaptive is None and self.interval is None:
+            return list(range(batch))
+        if self.done is None:
+            self.done = [False] * batch
+            self.report.ag_switch_step = [None] * batch
+        in_interval = self.interval is None or self.interval[0] <= self._sigma(t) <= self.interval[1]
+        return [i for i in range(batch) if in_interval and not self.done[i]]
+
+    def _observe(self, guided, cond, g, x, gidx, t):
+        """AG: switch off the samples whose guided prediction has converged to the conditional one
+        (cosine above the threshold, in x0 space by default). `cond`, `g`: the guided rows; `x`: the
+        denoiser's input for every sample (`gidx` picks the guided ones)."""
+        if self.adaptive is None:
+            return
+        c_sel, g_sel = cond, g
+        if self.pred_channels is not None:
+            c_sel, g_sel = c_sel[:, :self.pred_channels].contiguous(), g[:, :self.pred_channels].contiguous()
+        if self.schedule is not None:  # AG(space="x0"): the x0 estimates from the denoiser's own input
+            x = x.index_select(0, gidx)
+            c_sel, g_sel = self.schedule.x0(x, c_sel, t), self.schedule.x0(x, g_sel, t)
+        cos = ops.guidance_stats(c_sel, g_sel, g_sel).cos_cond_guided.tolist()  # the policy's sync
+        for i, c in zip(guided, cos):
+            if c > self.adaptive.threshold and not self.done[i]:
+                self.done[i] = True
+                self.report.ag_switch_step[i] = self.step
+
+    # --- per-branch pipelines (Flux true CFG, QwenImage, Wan, HunyuanVideo) ---------------------------
+    def _branch_call(self, forward, bound):
+        branch = _BRANCH.get()
+        name = type(self.pipe).__name__
+        if branch == "cond":
+            return self._cond_call(forward, bound)
+        if branch == "uncond":
+            return self._uncond_call(forward, bound)
+        raise RuntimeError(f"fastguide: {name} called its denoiser outside cache_context('cond') / ('uncond') "
+                           f"(got {branch!r}) while guiding; fastguide supports this pipeline's own loop only")
+
+    def _cond_call(self, forward, bound):
+        if self.pending is not None or self.guided_out is not None:
+            raise RuntimeError(f"fastguide: {type(self.pipe).__name__} ran a second cond call before the uncond "
+                               f"call and scheduler.step of the step; fastguide supports this pipeline's own loop only")
+        sample = bound.arguments[next(iter(bound.arguments))]
+        self._new_step(bound.arguments["timestep"] * self.layout.timestep_scale)
+        if self.batch_branches and self.layout.defer and bound.arguments.get("return_dict") is False:
+            # Deferred: the pipeline keeps this buffer as its cond prediction and reads it only after the
+            # uncond call, which fills it (one forward of both branches where possible).
+            buffer = torch.empty_like(sample)
+            if os.environ.get("FASTGUIDE_POISON_OUTPUTS") == "1":  # the test suite: unfilled shows as NaN
+                buffer.fill_(float("nan"))
+            self.pending = _Pending(bound, buffer, None)
+            return (buffer,)
+        out = forward(*bound.args, **bound.kwargs)
+        self.report.nfe += sample.shape[0]
+        self.pending = _Pending(bound, None, out)
+        return out
+
+    def _uncond_call(self, forward, bound):
+        pending, self.pending = self.pending, None
+        name = type(self.pipe).__name__
+        if pending is None:
+            raise RuntimeError(f"fastguide: {name} ran an uncond call without a cond call first in the step; "
+                               f"fastguide supports this pipeline's own loop only")
+        sample_name = next(iter(bound.arguments))
+        x = bound.arguments[sample_name]
+        batch, t = x.shape[0], self.last_t
+        guided = self._guided_rows(batch, t)
+        gidx = torch.tensor(guided, dtype=torch.long, device=x.device)
+        part = None  # the uncond rows' arguments, when only some samples are guided
+        if len(guided) < batch:
+            part = bound.arguments.copy()
+            for key, value in part.items():
+                part[key] = _map_batched(value, batch, lambda v: v.index_select(0, gidx.to(v.device)))
+        uncond_args = bound if part is None else _rebound(bound, part)
+        out, uncond = None, None
+        if pending.out is None:  # deferred cond call: both branches in one forward when the arguments allow
+            merged = _merge_calls(pending.bound, uncond_args, batch) if guided else None
+            if merged is not None:
+                out = forward(*merged.args, **merged.kwargs)
+                pred = _prediction(out)
+                cond, uncond = pred[:batch], pred[batch:]
+                self.report.branch_batched += 1
+            else:
+                cond = _prediction(forward(*pending.bound.args, **pending.bound.kwargs))
+            if cond.shape != pending.buffer.shape:
+                raise RuntimeError(f"fastguide: {name}'s denoiser returned shape {tuple(cond.shape)}, not its input's "
+                                   f"{tuple(pending.buffer.shape)}; enable(..., batch_branches=False) runs the branches "
+                                   f"as the pipeline does")
+            pending.buffer.copy_(cond)
+            cond = pending.buffer
+            self.report.nfe += batch
+        else:
+            out = pending.out
+            cond = _prediction(out)
+        if uncond is None and guided:
+            out = forward(*uncond_args.args, **uncond_args.kwargs)
+            uncond = _prediction(out)
+        self.report.nfe += len(guided)
+        self.report.nfe_skipped += batch - len(guided)
+        if len(guided) == batch:
+            result = self.guide(cond, uncond, None)
+            self._observe(guided, cond, result, x, gidx, t)
+            full_uncond = uncond
+        else:  # unguided samples: their prediction is cond, and the pipeline sees uncond == cond there
+            result, full_uncond = cond.clone(), cond.clone()
+            if guided:
+                c_sel = cond.index_select(0, gidx)
+                g = self.guide(c_sel, uncond, None)
+                self._observe(guided, c_sel, g, x, gidx, t)
+                result.index_copy_(0, gidx, g)
+                full_uncond.index_copy_(0, gidx, uncond)
+        if self.layout.post is not None:
+            result = self.layout.post(cond, result)
+        self.guided_out = result
+        if out is None or isinstance(out, tuple):
+            return (full_uncond,) + (tuple(out[1:]) if isinstance(out, tuple) else ())
+        out = copy.copy(out)
+        return _with_prediction(out, full_uncond)
+
+    def _take_guided(self, model_output):
+        """scheduler.step of a per-branch pipeline: the guided prediction of this step, if it guided."""
+        if self.pending is not None:
+            self.pending = None
+            raise RuntimeError(f"fastguide: {type(self.pipe).__name__} stepped after a cond call without its "
+                               f"uncond call; fastguide supports this pipeline's own loop only")
+        guided, self.guided_out = self.guided_out, None
+        if guided is None:
+            return model_output
+        if guided.shape != model_output.shape:
+            raise RuntimeError(f"fastguide: {type(self.pipe).__name__} passed scheduler.step a prediction of shape "
+                               f"{tuple(model_output.shape)}, its guided prediction has {tuple(guided.shape)}")
+        return guided.to(model_output.dtype)
+
+
+@dataclass
+class _Pending:
+    bound: object     # the cond call's bound arguments
+    buffer: object    # deferred: the tensor the pipeline holds as its cond prediction, filled by the uncond call
+    out: object       # not deferred: the cond call's output
+
+
+def _rebound(bound, arguments):
+    new = bound.signature.bind_partial()
+    new.arguments.update(arguments)
+    return new
+
+
+_DIFFERENT = object()
+
+
+def _merge_value(a, b, batch, n):
+    """One argument of the two calls as one call of batch + n rows, or _DIFFERENT."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        if a.dim() > 0 and a.shape[0] == batch and b.dim() > 0 and b.shape[0] == n:
+            if a.shape[1:] != b.shape[1:] or a.dtype != b.dtype or a.device != b.device:
+                return _DIFFERENT
+            return torch.cat([a, b])
+        return a if a is b or (a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)) else _DIFFERENT
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return _DIFFERENT
+        merged = {k: _merge_value(a[k], b[k], batch, n) for k in a}
+        return _DIFFERENT if any(v is _DIFFERENT for v in merged.values()) else merged
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == batch and len(b) == n and batch != n:
+        return type(a)(list(a) + list(b))  # per-sample lists (e.g. image shapes)
+    try:
+        return a if a is b or bool(a == b) else _DIFFERENT
+    except Exception:  # noqa: BLE001 - values that do not compare: not mergeable
+        return _DIFFERENT
+
+
+def _merge_calls(cond, uncond, batch):
+    """The cond call's and the uncond call's arguments as one call: tensors batched like the latents
+    concatenated (cond rows first), everything else identical in both; None when they differ (e.g. prompts of
+    different token lengths), and the branches then run as two calls."""
+    n = uncond.arguments[next(iter(uncond.arguments))].shape[0]
+    if cond.arguments.keys() != uncond.arguments.keys():
+        return None
+    merged = {}
+    for key in cond.arguments:
+        value = _merge_value(cond.arguments[key], uncond.arguments[key], batch, n)
+        if value is _DIFFERENT:
+            return None
+        merged[key] = value
+    return _rebound(cond, merged)
 
 
 def _prediction(out):
@@ -574,7 +874,7 @@ def _map_batched(value, batch, fn):
     return value
 
 
-def enable(pipe, guidance="cfg", *, adaptive=None, interval=None, linear_ag=None, **params):
+def enable(pipe, guidance="cfg", *, adaptive=None, interval=None, linear_ag=None, batch_branches=True, **params):
     """Make `pipe`'s classifier-free guidance compute `guidance` with fastguide's fused ops.
 
     guidance: "cfg" (scale, rescale, original), "apg" (scale, eta, norm_threshold, momentum, norm_dim,
@@ -587,6 +887,9 @@ def enable(pipe, guidance="cfg", *, adaptive=None, interval=None, linear_ag=None
     limited-interval guidance (Kynkaeaenniemi et al. 2024), no unconditional pass outside it. With either,
     the denoiser runs only the rows that are needed; `pipe.fastguide_report` counts the evaluations.
     linear_ag=calibrate_linear_ag(...): LinearAG, predicted unconditional passes (deviates from the model).
+    batch_branches: pipelines that call the denoiser once per branch (Flux true CFG, QwenImage, Wan,
+    HunyuanVideo) get both branches in one forward of 2B rows where the two calls' arguments allow it
+    (`pipe.fastguide_report.branch_batched` counts those steps); False runs them as two calls, as stock.
 
     The settings belong to `pipe`: they apply only while `pipe(...)` runs, so other pipelines sharing its
     denoiser (from_pipe, modular pipelines, a second pipeline on the same UNet) run stock or their own
@@ -597,14 +900,31 @@ def enable(pipe, guidance="cfg", *, adaptive=None, interval=None, linear_ag=None
     attr, layout = _pattern(pipe)
     denoiser = _unwrap(getattr(pipe, attr))
     state = _Guidance(pipe, layout, guidance, params, adaptive, interval, linear_ag)  # validates first
+    attrs = [attr]
+    if isinstance(layout, _Branches):
+        name = type(pipe).__name__
+        if "perturbed" in state.method.branches:
+            raise ValueError(f"fastguide.enable: guidance={guidance!r} needs a perturbed branch; {name} calls its "
+                             f"denoiser once per branch (cond, uncond) and has none. Use a two-branch method: "
+                             f"{sorted(m.name for m in methods.METHODS.values() if m.branches == ('cond', 'uncond'))}")
+        if linear_ag is not None:
+            raise ValueError(f"fastguide.enable: linear_ag on {name} (one denoiser call per branch) is not supported; "
+                             f"use adaptive= or interval=, which skip its uncond calls")
+        if getattr(pipe, "transformer_2", None) is not None:  # Wan 2.2: the low-noise expert, guidance_scale_2
+            attrs.append("transformer_2")
+    if not isinstance(batch_branches, bool):
+        raise TypeError(f"fastguide.enable: batch_branches must be True or False, got {batch_branches!r}")
+    state.batch_branches = batch_branches
     if "perturbed" in state.method.branches:  # validates the layer specs; nothing is changed yet
         state.pag_layers = frozenset(select_layers(denoiser, list(state.params["layers"])))
-    state.attr = attr
     config = getattr(denoiser, "config", None)
     if layout is _call_scale_layout and config is not None and config.out_channels == 2 * config.in_channels:
         state.pred_channels = config.in_channels
     disable(pipe)
-    _Hook.of(denoiser).add(state)
+    for a in attrs:
+        hook = _Hook.of(_unwrap(getattr(pipe, a)))
+        state.hooks[a] = hook
+        hook.add(state)
     pipe.__class__ = _hooked_class(type(pipe))
     pipe._fastguide = state
     return pipe
@@ -684,7 +1004,8 @@ def disable(pipe):
         pipe.__class__ = type(pipe).__dict__["_fastguide_base"]
         del pipe._fastguide
         return pipe
-    state.hook.remove(state)
+    for hook in state.hooks.values():
+        hook.remove(state)
     base = type(pipe).__dict__.get("_fastguide_base")
     if base is not None:
         pipe.__class__ = base
