@@ -11,10 +11,17 @@ untouched. Nothing in diffusers is edited. For PAG the wrapper appends the condi
 batched input ([uncond, cond, cond]) and the chosen layers get `GatedPAGProcessor`s, identity attention on
 the extra rows only during the calls of pipelines that asked for it.
 
+Pipelines that call the denoiser once per branch (`cache_context("cond")`, then `("uncond")`, then their own
+combine and `scheduler.step`) get fastguide's guided prediction at `scheduler.step` instead of their combine
+(the scheduler's `step` is wrapped while the pipeline runs); the cond call is deferred so that both branches run
+as one forward of 2B rows where the two calls' arguments allow it (`batch_branches=False`: as stock, two calls).
+
 Supported (and subclasses): StableDiffusion{,Img2Img,Inpaint}Pipeline, StableDiffusionXL{,Img2Img,Inpaint}
 Pipeline, StableDiffusion3Pipeline (true CFG; skip_guidance_layers keeps working), StableDiffusionPAGPipeline
 and StableDiffusionXLPAGPipeline (their own PAG fused with guidance="cfg"), PixArtSigmaPipeline (learned-sigma
-channels left out of the guidance, as the pipeline drops them). `enable` on an enabled pipeline
+channels left out of the guidance, as the pipeline drops them); per branch: FluxPipeline (true CFG:
+true_cfg_scale and a negative prompt), QwenImage{,Img2Img,Inpaint}Pipeline (its renorm to the cond norm kept),
+WanPipeline (Wan 2.1, and Wan 2.2's two experts with guidance_scale_2), HunyuanVideoPipeline. `enable` on an enabled pipeline
 replaces its settings; `disable` restores the class, and the denoiser once no enabled pipeline uses it.
 Pass guidance_rescale=0 to the pipeline call and `rescale=` here (the pipeline's own rescale would
 act on [g, g] and is the identity up to rounding).
