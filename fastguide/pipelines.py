@@ -7,7 +7,9 @@ enabled pipeline on that module. During an enabled pipeline's CFG call the wrapp
 output into its uncond/cond halves, computes fastguide's guided prediction g, and returns [g, g]: the
 pipeline's own arithmetic `uncond + s * (cond - uncond)` then yields g exactly (cond - uncond = 0). Any other
 caller of the module (a stock pipeline sharing it, `from_pipe`, a modular pipeline, another thread) runs it
-untouched. Nothing in diffusers is edited. For PAG the wrapper appends the conditional rows again to every
+untouched. Nothing in diffusers is edited. Each step's combine and its AG / interval / LinearAG decisions come
+from the method's `fastguide.diffusers` twin guider, driven through the guider protocol (set_state,
+prepare_inputs, forward): the same object and code as the modular route. For PAG the wrapper appends the conditional rows again to every
 batched input ([uncond, cond, cond]) and the chosen layers get `GatedPAGProcessor`s, identity attention on
 the extra rows only during the calls of pipelines that asked for it.
 
@@ -404,16 +406,23 @@ def _hooked_class(cls):
 
 # --- the per-pipeline guidance state ------------------------------------------------------------------
 class _Guidance:
-    """The per-pipeline state: the method and its settings, the step counter, the method's state across
-    steps (APG's momentum buffer), the AG/interval policy."""
+    """The per-pipeline state: the method and its settings, the step counter, and the guider that runs each
+    step: the method's `fastguide.diffusers` twin (the object the modular route uses: same combine, same
+    AG / interval / LinearAG logic in its SkipPolicy, same state such as APG's momentum), or for a method
+    without a twin (or with per-step scale schedules) a guider around the registry combine. Methods with a
+    perturbed branch (PAG) run the registry combine on [uncond, cond, perturbed] directly."""
 
     def __init__(self, pipe, layout, guidance, params, adaptive=None, interval=None, linear_ag=None):
         self.method = methods.get(guidance, "fastguide.enable")
         from .skip import check_policy  # (skip.py imports this module's AG / LinearAG: a local import)
         adaptive, interval, linear_ag = check_policy("fastguide.enable", adaptive, interval, linear_ag)
-        if ((adaptive is not None or interval is not None or linear_ag is not None)
-                and not self.method.can_skip_uncond):
-            usable = sorted(m.name for m in methods.METHODS.values() if m.can_skip_uncond)
+        self.pipe, self.layout, self.guidance = pipe, layout, guidance
+        self.params = self.method.check_params(params, "fastguide.enable")
+        policy = adaptive is not None or interval is not None or linear_ag is not None
+        twin = self._twin()
+        if policy and not (self.method.can_skip_uncond or twin is not None):
+            usable = sorted(m.name for m in methods.METHODS.values()
+                            if m.can_skip_uncond or (m.twin and m.guider_config and "perturbed" not in m.branches))
             raise ValueError(f"fastguide.enable: adaptive/interval/linear_ag skip rows per sample; guidance={guidance!r} "
                              f"(state across steps or extra branches) is not supported with them yet; use one of {usable}")
         if layout is _pag_layout and "perturbed" in self.method.branches:
@@ -421,15 +430,13 @@ class _Guidance:
                              f"own layers (pag_applied_layers, pag_scale): use guidance='cfg' (fastguide fuses the "
                              f"pipeline's PAG), or guidance='pag' on the matching non-PAG pipeline")
         self.linear_ag = linear_ag
-        self.record = None      # calibration: per-step (cond, uncond) of full-CFG runs
-        self.history = None     # LinearAG: the previous step's (cond, uncond)
         self.adaptive, self.interval = adaptive, interval
+        self.record = None      # calibration: per-step (cond, uncond) of full-CFG runs
         self.report = Report()
-        self.done = None  # per-sample AG flags of the current trajectory
-        self.pipe, self.layout, self.guidance = pipe, layout, guidance
-        self.params = self.method.check_params(params, "fastguide.enable")
         self.step, self.last_t = -1, None
-        self.last = None        # this step's (cond, guided), for SD3's skip-layer term
+        self.last = None        # this step's (cond, guided), for SD3's skip-layer call
+        self.rows = None        # this step's guided samples: None all, [] none, else their indices
+        # State of a method run through the registry combine (PAG, or a method without a twin).
         self.state = self.method.new_state(self.params) if self.method.new_state is not None else None
         self.hooks = {}                     # denoiser attribute -> its _Hook (set by enable)
         self.attr = None                    # the attribute of the denoiser call in progress
@@ -441,10 +448,34 @@ class _Guidance:
         # sigma half after CFG, so only the first `pred_channels` are guided (norms and spectra included).
         self.pred_channels = None
         self.pag_layers = frozenset()       # names of the layers fastguide's own PAG perturbs
-        self.schedule = None                # AG in x0 space: the scheduler's noise schedule (timestep -> x0)
-        if adaptive is not None and adaptive.space == "x0":
-            from .skip import NoiseSchedule
-            self.schedule = NoiseSchedule(pipe.scheduler, "fastguide.enable")
+        self.guider, self.sets_scale = None, False
+        if "perturbed" not in self.method.branches:
+            kw = {"adaptive": adaptive, "interval": interval, "linear_ag": linear_ag}
+            if (adaptive is not None and adaptive.space == "x0") or interval is not None:
+                kw["scheduler"] = pipe.scheduler  # sigmas and x0 estimates from the pipeline's noise schedule
+            self.sets_scale = twin is not None and self.method.scale_params == ("scale",)
+            if twin is not None:
+                self.guider = twin(**self.method.guider_config({**self.params, "scale": None}), **kw)
+            else:
+                self.guider = _registry_guider(self._registry_combine, **kw)
+
+    def _twin(self):
+        """The method's fastguide.diffusers guider class when enable can drive it: a cond / uncond guider with
+        at most a `scale` that is a number (a schedule or a per-sample tensor scale goes through the registry
+        combine, which takes them)."""
+        m = self.method
+        if m.twin is None or m.guider_config is None or m.branches != ("cond", "uncond"):
+            return None
+        if m.scale_params not in ((), ("scale",)):
+            return None
+        if m.scale_params and not (self.params["scale"] is None or isinstance(self.params["scale"], (int, float))):
+            return None
+        from . import diffusers as fgd
+        twin = getattr(fgd, m.twin, None)
+        return twin if isinstance(twin, type) and issubclass(twin, fgd._Skipping) else None
+
+    def _registry_combine(self, cond, uncond, rows=None):
+        return self._combine(cond, uncond, None)
 
     def begin(self, call):
         """An enabled pipeline call starts (`call`: its bound arguments): check it against the settings, then
@@ -471,7 +502,11 @@ class _Guidance:
                 raise ValueError(f"fastguide LinearAG: {type(sch).__name__} evaluates the model twice per step; "
                                  f"LinearAG predicts one unconditional pass per step from the previous one, so it "
                                  f"needs a scheduler with one evaluation per step (e.g. Euler, DPMSolverMultistep)")
-        self.step, self.last_t, self.done, self.history, self.last = -1, None, None, None, None
+        if (self.linear_ag is not None and "num_inference_steps" in self.call
+                and self.call["num_inference_steps"] != self.linear_ag.num_inference_steps):
+            raise ValueError(f"fastguide LinearAG: calibrated for {self.linear_ag.num_inference_steps} steps, the "
+                             f"pipeline is called with num_inference_steps={self.call['num_inference_steps']}")
+        self.step, self.last_t, self.last, self.rows = -1, None, None, None
         self.pending = self.guided_out = None
         self.report = Report()
         self.pipe.fastguide_report = self.report
@@ -492,28 +527,29 @@ class _Guidance:
     def _new_step(self, timestep):
         """Count the steps of the trajectory: "step" is the index into the user's num_inference_steps. A
         second-order scheduler (Heun, KDPM2, DPM-SDE) evaluates the model twice per step and says which
-        evaluation it is at with `state_in_first_order`; both evaluations share the step index. Multistep
-        solvers (DPM++ 2M) and first-order ones evaluate once per step."""
+        evaluation it is at with `state_in_first_order`; both evaluations share the step index (and the
+        guider's decisions for it). Multistep solvers (DPM++ 2M) and first-order ones evaluate once per step.
+        Then the guider's step starts as in the guider protocol: set_state, prepare_inputs."""
         t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
-        if self.step < 0 or getattr(self.pipe.scheduler, "state_in_first_order", True):
+        first = self.step < 0 or getattr(self.pipe.scheduler, "state_in_first_order", True)
+        if first:
             self.step += 1
         self.last_t = t
         self.report.steps = self.step + 1
+        g = self.guider
+        if g is not None:
+            if self.sets_scale:
+                g.guidance_scale = self._scale()  # the pipeline's scale at this step (callbacks may change it)
+            if first:
+                g.set_state(self.step, self.call.get("num_inference_steps"), t)
+                g.prepare_inputs({})  # diffusers' guiders start their per-trajectory state here (APG momentum)
+            elif g._skip is not None:
+                g._skip.in_step = True  # the second evaluation of the step: the same rows
+            self.rows = [] if g.num_conditions == 1 else (g._skip.rows if g._skip is not None else None)
         return t
 
-    def _sigma(self, t):
-        """The noise level of timestep t: the scheduler's sigma (Euler, flow matching), else sqrt((1-a)/a)."""
-        sch = self.pipe.scheduler
-        ts = getattr(sch, "timesteps", None)
-        sigmas = getattr(sch, "sigmas", None)
-        if ts is not None and sigmas is not None and len(sigmas) > len(ts) - 1:
-            idx = (ts.float() - t).abs().argmin().item()
-            return float(sigmas[idx])
-        ac = sch.alphas_cumprod[int(round(t))]
-        return float(((1 - ac) / ac) ** 0.5)
-
     def guide(self, cond, uncond, perturbed):
-        """The method's combine on this step's predictions, its scales resolved for this step."""
+        """The registry combine on this step's predictions, its scales resolved for this step (PAG)."""
         c = self.pred_channels
         if c is not None:
             part = lambda x: x[:, :c].contiguous() if x is not None else None  # noqa: E731
@@ -526,6 +562,20 @@ class _Guidance:
             p[name] = self._scale(name)
         preds = {"cond": cond, "uncond": uncond, "perturbed": perturbed}
         return self.method.combine(preds, p, self.state, self.step)
+
+    def _run_guider(self, cond, uncond, x):
+        """This step's guided prediction from the guider: `cond` for every sample, `uncond` for this step's
+        guided rows (None when there are none), `x` the denoiser's input of the cond rows (AG in x0 space)."""
+        c = self.pred_channels
+        part = (lambda v: v[:, :c].contiguous() if v is not None else None) if c is not None else (lambda v: v)  # noqa: E731
+        self.guider._sample = part(x) if x is not None and c is not None and x.shape[1] != c else x
+        pred = self.guider.forward(part(cond), part(uncond))["pred"]  # (not .pred: lost under torch.compile)
+        skip = self.guider._skip
+        if skip is not None:
+            self.report.ag_switch_step = list(skip.report.ag_switch_step)
+        if self.record is not None and uncond is not None and uncond.shape[0] == cond.shape[0]:
+            self.record.append((cond.detach().clone(), uncond.detach().clone()))
+        return torch.cat([pred, cond[:, c:]], dim=1) if c is not None else pred
 
     def _guided(self, out, cond, guided, copies=2):
         """Return `guided` in every CFG slot of the output; remember (cond, guided) for a skip-layer call."""
@@ -573,27 +623,45 @@ class _Guidance:
             return self._branch_call(forward, bound)
         if layout == "slg":
             return self._skip_layer_call(forward, args, kwargs)
-        sample_name = next(iter(bound.arguments))  # sample / hidden_states: the batched latents
-        batch = bound.arguments[sample_name].shape[0]
-        half = batch // 2
         t = self._new_step(bound.arguments["timestep"])
         if layout == "pag":
             return self._pipeline_pag_call(forward, bound, bound.arguments["timestep"])
-        if self.adaptive is not None or self.interval is not None:
-            return self._skipping_call(forward, bound, batch, half, t, sample_name)
-        if self.linear_ag is not None:
-            return self._linear_ag_call(forward, bound, batch, half)
-        pag = "perturbed" in self.method.branches
-        if pag:  # [uncond, cond] -> [uncond, cond, cond]: every input batched like the latents gets its cond half again
+        if "perturbed" in self.method.branches:
+            return self._perturbed_call(forward, bound)
+        return self._cfg_call(forward, bound)
+
+    def _cfg_call(self, forward, bound):
+        """A [uncond, cond] call: the uncond rows of this step's guided samples only (all, some or none), the
+        cond rows of every sample; the guider combines them."""
+        sample_name = next(iter(bound.arguments))  # sample / hidden_states: the batched latents
+        batch = bound.arguments[sample_name].shape[0]
+        half = batch // 2
+        rows = self.rows
+        if rows is not None:  # uncond rows still needed, then every cond row
+            idx = torch.tensor(rows + list(range(half, batch)), device=bound.arguments[sample_name].device)
             for name, value in bound.arguments.items():
-                bound.arguments[name] = _map_batched(value, batch, lambda v: torch.cat([v, v[half:]]))
+                bound.arguments[name] = _map_batched(value, batch, lambda v: v.index_select(0, idx.to(v.device)))
+        out = forward(*bound.args, **bound.kwargs)
+        pred = _prediction(out)
+        n = half if rows is None else len(rows)
+        self.report.nfe += n + half
+        self.report.nfe_skipped += half - n
+        cond = pred[n:]
+        g = self._run_guider(cond, pred[:n] if n else None, bound.arguments[sample_name][n:])
+        return self._guided(out, cond, g)
+
+    def _perturbed_call(self, forward, bound):
+        """PAG: [uncond, cond] -> [uncond, cond, cond], every input batched like the latents gets its cond half
+        again; the chosen layers' gated processors make the third part the perturbed branch."""
+        batch = bound.arguments[next(iter(bound.arguments))].shape[0]
+        half = batch // 2
+        for name, value in bound.arguments.items():
+            bound.arguments[name] = _map_batched(value, batch, lambda v: torch.cat([v, v[half:]]))
         out = forward(*bound.args, **bound.kwargs)
         pred = _prediction(out)
         self.report.nfe += pred.shape[0]
-        parts = pred.chunk(3 if pag else 2)
-        if self.record is not None:
-            self.record.append((parts[1].detach().clone(), parts[0].detach().clone()))
-        return self._guided(out, parts[1], self.guide(parts[1], parts[0], parts[2] if pag else None))
+        uncond, cond, perturbed = pred.chunk(3)
+        return self._guided(out, cond, self.guide(cond, uncond, perturbed))
 
     def _skip_layer_call(self, forward, args, kwargs):
         """SD3's skip-layer call (conditional rows only, after the CFG call): runs untouched. The pipeline adds
@@ -620,86 +688,6 @@ class _Guidance:
                     rescale=self.params["rescale"], original=self.params["original"])
         return self._guided(out, cond, g, copies=3)
 
-    def _linear_ag_call(self, forward, bound, batch, half):
-        """LinearAG: at calibrated steps, run the conditional rows only and predict the unconditional ones."""
-        coef = self.linear_ag.coefficients.get(self.step)
-        if coef is not None and self.history is None:
-            raise ValueError(f"fastguide LinearAG: step {self.step} is predicted from the previous step, which did not run")
-        if coef is not None:
-            idx = torch.arange(half, batch, device=bound.arguments[next(iter(bound.arguments))].device)
-            for name, value in bound.arguments.items():
-                bound.arguments[name] = _map_batched(value, batch, lambda v: v.index_select(0, idx.to(v.device)))
-        out = forward(*bound.args, **bound.kwargs)
-        pred = _prediction(out)
-        if coef is None:
-            uncond, cond = pred.chunk(2)
-            self.report.nfe += batch
-        else:
-            cond = pred
-            a, b, c = coef
-            c_prev, u_prev = self.history
-            uncond = a * cond + b * c_prev + c * u_prev
-            self.report.nfe += half
-            self.report.nfe_skipped += half
-        self.history = (cond, uncond)
-        return self._guided(out, cond, self.guide(cond, uncond, None))
-
-    def _skipping_call(self, forward, bound, batch, half, t, sample_name):
-        """Evaluate the unconditional rows only of samples that still need guidance (interval, AG)."""
-        guided = self._guided_rows(half, t)
-        rows = guided + list(range(half, batch))  # uncond rows still needed, then every cond row
-        if len(rows) < batch:
-            idx = torch.tensor(rows, device=bound.arguments[next(iter(bound.arguments))].device)
-            for name, value in bound.arguments.items():
-                bound.arguments[name] = _map_batched(value, batch, lambda v: v.index_select(0, idx.to(v.device)))
-        out = forward(*bound.args, **bound.kwargs)
-        pred = _prediction(out)
-        self.report.nfe += len(rows)
-        self.report.nfe_skipped += batch - len(rows)
-        n = len(guided)
-        cond = pred[n:]
-        result = cond.clone() if n < half else None
-        if n:
-            gidx = torch.tensor(guided, device=pred.device)
-            g = self.guide(cond.index_select(0, gidx), pred[:n], None)
-            self._observe(guided, cond.index_select(0, gidx), g, bound.arguments[sample_name][n:], gidx, t)
-            if result is None:
-                result = g
-            else:
-                result.index_copy_(0, gidx, g)
-        return self._guided(out, cond, result)
-
-
-    # --- AG / interval bookkeeping, shared by the batched and the per-branch calls ---------------------
-    def _guided_rows(self, batch, t):
-        """The samples that get guidance (an unconditional evaluation) at this step: inside the interval
-        and not yet switched off by AG."""
-        if self.adaptive is None and self.interval is None:
-            return list(range(batch))
-        if self.done is None:
-            self.done = [False] * batch
-            self.report.ag_switch_step = [None] * batch
-        in_interval = self.interval is None or self.interval[0] <= self._sigma(t) <= self.interval[1]
-        return [i for i in range(batch) if in_interval and not self.done[i]]
-
-    def _observe(self, guided, cond, g, x, gidx, t):
-        """AG: switch off the samples whose guided prediction has converged to the conditional one
-        (cosine above the threshold, in x0 space by default). `cond`, `g`: the guided rows; `x`: the
-        denoiser's input for every sample (`gidx` picks the guided ones)."""
-        if self.adaptive is None:
-            return
-        c_sel, g_sel = cond, g
-        if self.pred_channels is not None:
-            c_sel, g_sel = c_sel[:, :self.pred_channels].contiguous(), g[:, :self.pred_channels].contiguous()
-        if self.schedule is not None:  # AG(space="x0"): the x0 estimates from the denoiser's own input
-            x = x.index_select(0, gidx)
-            c_sel, g_sel = self.schedule.x0(x, c_sel, t), self.schedule.x0(x, g_sel, t)
-        cos = ops.guidance_stats(c_sel, g_sel, g_sel).cos_cond_guided.tolist()  # the policy's sync
-        for i, c in zip(guided, cos):
-            if c > self.adaptive.threshold and not self.done[i]:
-                self.done[i] = True
-                self.report.ag_switch_step[i] = self.step
-
     # --- per-branch pipelines (Flux true CFG, QwenImage, Wan, HunyuanVideo) ---------------------------
     def _branch_call(self, forward, bound):
         branch = _BRANCH.get()
@@ -717,7 +705,7 @@ class _Guidance:
                                f"call and scheduler.step of the step; fastguide supports this pipeline's own loop only")
         sample = bound.arguments[next(iter(bound.arguments))]
         self._new_step(bound.arguments["timestep"] * self.layout.timestep_scale)
-        if self.batch_branches and self.layout.defer and bound.arguments.get("return_dict") is False:
+        if self.batch_branches and self.layout.defer and bound.arguments.get("return_dict") is False and self.rows != []:
             # Deferred: the pipeline keeps this buffer as its cond prediction and reads it only after the
             # uncond call, which fills it (one forward of both branches where possible).
             buffer = torch.empty_like(sample)
@@ -736,17 +724,16 @@ class _Guidance:
         if pending is None:
             raise RuntimeError(f"fastguide: {name} ran an uncond call without a cond call first in the step; "
                                f"fastguide supports this pipeline's own loop only")
-        sample_name = next(iter(bound.arguments))
-        x = bound.arguments[sample_name]
-        batch, t = x.shape[0], self.last_t
-        guided = self._guided_rows(batch, t)
+        x = bound.arguments[next(iter(bound.arguments))]
+        batch = x.shape[0]
+        guided = list(range(batch)) if self.rows is None else self.rows
         gidx = torch.tensor(guided, dtype=torch.long, device=x.device)
-        part = None  # the uncond rows' arguments, when only some samples are guided
-        if len(guided) < batch:
+        uncond_args = bound
+        if len(guided) < batch:  # the uncond rows of the still-guided samples only
             part = bound.arguments.copy()
             for key, value in part.items():
                 part[key] = _map_batched(value, batch, lambda v: v.index_select(0, gidx.to(v.device)))
-        uncond_args = bound if part is None else _rebound(bound, part)
+            uncond_args = _rebound(bound, part)
         out, uncond = None, None
         if pending.out is None:  # deferred cond call: both branches in one forward when the arguments allow
             merged = _merge_calls(pending.bound, uncond_args, batch) if guided else None
@@ -772,25 +759,19 @@ class _Guidance:
             uncond = _prediction(out)
         self.report.nfe += len(guided)
         self.report.nfe_skipped += batch - len(guided)
+        result = self._run_guider(cond, uncond, x)
         if len(guided) == batch:
-            result = self.guide(cond, uncond, None)
-            self._observe(guided, cond, result, x, gidx, t)
             full_uncond = uncond
-        else:  # unguided samples: their prediction is cond, and the pipeline sees uncond == cond there
-            result, full_uncond = cond.clone(), cond.clone()
+        else:  # unguided samples: the pipeline sees uncond == cond there (its combine is replaced anyway)
+            full_uncond = cond.clone()
             if guided:
-                c_sel = cond.index_select(0, gidx)
-                g = self.guide(c_sel, uncond, None)
-                self._observe(guided, c_sel, g, x, gidx, t)
-                result.index_copy_(0, gidx, g)
                 full_uncond.index_copy_(0, gidx, uncond)
         if self.layout.post is not None:
             result = self.layout.post(cond, result)
         self.guided_out = result
         if out is None or isinstance(out, tuple):
             return (full_uncond,) + (tuple(out[1:]) if isinstance(out, tuple) else ())
-        out = copy.copy(out)
-        return _with_prediction(out, full_uncond)
+        return _with_prediction(copy.copy(out), full_uncond)
 
     def _take_guided(self, model_output):
         """scheduler.step of a per-branch pipeline: the guided prediction of this step, if it guided."""
@@ -805,6 +786,30 @@ class _Guidance:
             raise RuntimeError(f"fastguide: {type(self.pipe).__name__} passed scheduler.step a prediction of shape "
                                f"{tuple(model_output.shape)}, its guided prediction has {tuple(guided.shape)}")
         return guided.to(model_output.dtype)
+
+
+_REGISTRY_GUIDER = None
+
+
+def _registry_guider(combine, **policy):
+    """A fastguide guider (the guider protocol, the SkipPolicy of AG / interval / LinearAG) whose combine is
+    `combine(cond, uncond, rows)`: enable's route for a registry method without a twin guider, or with
+    per-step / per-sample scales. Always guiding (its scales are the method's, not a guidance_scale)."""
+    global _REGISTRY_GUIDER
+    if _REGISTRY_GUIDER is None:
+        from . import diffusers as fgd
+
+        class RegistryGuidance(fgd.ClassifierFreeGuidance):
+            def _is_cfg_enabled(self):
+                return self._enabled
+
+            def _guide(self, pred_cond, pred_uncond, rows=None):
+                return self._combine(pred_cond, pred_uncond, rows)
+
+        _REGISTRY_GUIDER = RegistryGuidance
+    guider = _REGISTRY_GUIDER(**policy)
+    guider._combine = combine
+    return guider
 
 
 @dataclass

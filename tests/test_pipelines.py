@@ -250,7 +250,9 @@ def test_interval_guidance_equals_hand_loop(kind):
     pipe = MAKERS[kind]()
     pipe.scheduler.set_timesteps(STEPS)
     sigmas = [float(s) for s in pipe.scheduler.sigmas[:STEPS]]
-    lo, hi = sigmas[2], sigmas[1]  # guide steps 1 and 2 only
+    # guide steps 1 and 2 only; the policy maps timesteps to sigmas in float64 from the training schedule
+    # (skip.NoiseSchedule, as the guiders do), the scheduler's table is float32: bounds 1e-6 apart from it
+    lo, hi = sigmas[2] * (1 - 1e-6), sigmas[1] * (1 + 1e-6)
     fastguide.enable(pipe, guidance="cfg", interval=(lo, hi))
     ours = run(pipe, kind)
     r = pipe.fastguide_report
@@ -274,6 +276,24 @@ def test_ag_with_two_samples_per_prompt_slices_every_batched_input():
     assert (r.nfe, r.nfe_skipped, r.ag_switch_step) == (2 * (STEPS + 1), 2 * (STEPS - 1), [0, 0])
 
 
+def test_enable_runs_the_twin_guider_with_its_policy():
+    """enable drives the method's fastguide.diffusers guider (the modular route's object): APG's per-sample
+    momentum works with AG there, so enable takes APG + AG; AG that never switches equals plain APG."""
+    import fastguide.diffusers as fgd
+    pipe = make_sd()
+    kw = dict(momentum=-0.5, norm_threshold=2.0, eta=0.5)
+    fastguide.enable(pipe, guidance="apg", **kw)
+    assert type(pipe._fastguide.guider) is fgd.AdaptiveProjectedGuidance
+    plain = run(pipe, "sd")
+    fastguide.enable(pipe, guidance="apg", adaptive=fastguide.AG(threshold=2.0), **kw)
+    assert type(pipe._fastguide.guider) is fgd.AdaptiveProjectedGuidance
+    assert_close(run(pipe, "sd"), plain)
+    fastguide.enable(pipe, guidance="apg", adaptive=fastguide.AG(threshold=-1.0), **kw)
+    run(pipe, "sd")
+    r = pipe.fastguide_report
+    assert (r.nfe, r.nfe_skipped, r.ag_switch_step) == (STEPS + 1, STEPS - 1, [0])
+
+
 def test_policy_bad_input():
     pipe = make_sd()
     with pytest.raises(ValueError, match="threshold must be a finite float"):
@@ -283,7 +303,7 @@ def test_policy_bad_input():
     with pytest.raises(ValueError, match="interval must be"):
         fastguide.enable(pipe, guidance="cfg", interval=(float("nan"), 1.0))
     with pytest.raises(ValueError, match="not supported with them yet"):
-        fastguide.enable(pipe, guidance="apg", adaptive=fastguide.AG())
+        fastguide.enable(pipe, guidance="pag", adaptive=fastguide.AG())
     with pytest.raises(TypeError, match="must be a fastguide.AG"):
         fastguide.enable(pipe, guidance="cfg", adaptive=0.9)
     assert not fastguide.pipelines.is_enabled(pipe)
