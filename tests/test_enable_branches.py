@@ -145,7 +145,7 @@ def hand_loop(pipe, args, out, combine):
             h.remove()
 
 
-@pytest.mark.parametrize("name", ["flux", "qwenimage", "wan2.2"])
+@pytest.mark.parametrize("name", list(PIPELINES))
 def test_apg_equals_the_pipeline_driven_by_diffusers_guider(name):
     pipe, args, out = PIPELINES[name]()
     settings = dict(momentum=-0.5, norm_threshold=2.0, eta=0.5)
@@ -176,7 +176,7 @@ def test_apg_equals_the_pipeline_driven_by_diffusers_guider(name):
     assert (ours - run(pipe, args, out)).abs().max() > 1e-3  # APG is not CFG here
 
 
-@pytest.mark.parametrize("name", ["flux", "wan"])
+@pytest.mark.parametrize("name", list(PIPELINES))
 def test_adaptive_guidance_and_interval_skip_uncond_calls(name):
     pipe, args, out = PIPELINES[name]()
     stock = run(pipe, args, out)
