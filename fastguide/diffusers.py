@@ -53,12 +53,13 @@ from diffusers import guiders as _dg
 # pipeline holding a fastguide guider fails with "does not seem to have any of the loading methods".
 from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput
 
-from . import frequency, ops
+from . import frequency, methods, ops
 from .pipelines import AG, LinearAG
 from .skip import NoiseSchedule, SkipPolicy, check_policy
 
-__all__ = ["AdaptiveProjectedGuidance", "BaseGuidance", "ClassifierFreeGuidance", "ClassifierGuidance", "ClassifierFreeZeroStarGuidance",
-           "FrequencyDecoupledGuidance", "PerturbedAttentionGuidance", "SkipLayerGuidance", "guider_from",
+__all__ = ["AdaptiveProjectedGuidance", "AdaptiveProjectedMixGuidance", "AutoGuidance", "BaseGuidance", "ClassifierFreeGuidance", "ClassifierGuidance", "ClassifierFreeZeroStarGuidance",
+           "FrequencyDecoupledGuidance", "LTX2Guidance", "MagnitudeAwareGuidance", "PerturbedAttentionGuidance",
+           "SkipLayerGuidance", "TangentialClassifierFreeGuidance", "guider_from",
            "recording", "GUIDERS", "SKIPPING"]
 
 POLICY_ARGS = ("adaptive", "interval", "linear_ag", "scheduler")
@@ -523,6 +524,38 @@ _apg_space_init.__signature__ = _sig.replace(parameters=[
 _apg_space_init.__doc__ = _apg_init.__doc__
 
 
+def _synced_buffer(guider, pred_cond):
+    """fastguide's MomentumBuffer following the diffusers guider's own (`guider.momentum_buffer`, None without
+    momentum). diffusers makes a new MomentumBuffer at step 0 (prepare_inputs); ours follows it, zeroed in place
+    when the shape allows (CUDA-graph friendly), new otherwise. Theirs may already hold a running average (a
+    guider converted mid-trajectory by guider_from): ours starts from it. Callers point theirs at our tensor
+    afterwards (`theirs.running_average = buf.running_average`), so the state stays readable through diffusers'
+    attribute."""
+    theirs = guider.momentum_buffer
+    if theirs is None:
+        return None
+    if getattr(guider, "_fastguide_owner", None) is not theirs:
+        momentum = float(guider.adaptive_projected_guidance_momentum)
+        old = getattr(guider, "_fastguide_buffer", None)
+        ra = old.running_average if old is not None else None
+        if (ra is not None and old.momentum == momentum and ra.shape == pred_cond.shape
+                and ra.dtype == pred_cond.dtype and ra.device == pred_cond.device):
+            old.reset()
+        else:
+            old = ops.MomentumBuffer(momentum)
+        prior = getattr(theirs, "running_average", 0)
+        if isinstance(prior, torch.Tensor):
+            if prior.shape != pred_cond.shape:
+                raise ValueError(f"fastguide {type(guider).__name__}: the momentum buffer's running average has shape "
+                                 f"{tuple(prior.shape)}, the predictions {tuple(pred_cond.shape)}; reset the guider "
+                                 f"(set_state at step 0)")
+            if old.running_average is None:
+                old.running_average = torch.zeros_like(pred_cond)
+            old.running_average.copy_(prior)
+        guider._fastguide_buffer, guider._fastguide_owner = old, theirs
+    return guider._fastguide_buffer
+
+
 class AdaptiveProjectedGuidance(_Skipping, _dg.AdaptiveProjectedGuidance):
     __doc__ = "fastguide-backed " + (_dg.AdaptiveProjectedGuidance.__doc__ or "") + """
     fastguide: space="x0" (with scheduler=pipe.scheduler) runs the projection, the norm clamp and the momentum
@@ -550,33 +583,10 @@ class AdaptiveProjectedGuidance(_Skipping, _dg.AdaptiveProjectedGuidance):
         return self._guide_space(pred_cond, pred_uncond, rows)
 
     def _guide_space(self, pred_cond, pred_uncond, rows=None):
-        theirs, buf = self.momentum_buffer, None
+        theirs = self.momentum_buffer
         if theirs is not None and rows is not None:
             return self._guide_rows(pred_cond, pred_uncond, rows)
-        if theirs is not None:
-            # diffusers makes a new MomentumBuffer at step 0 (prepare_inputs); follow it with ours, zeroed
-            # in place when the shape allows (CUDA-graph friendly), new otherwise. Theirs may already hold
-            # a running average (a guider converted mid-trajectory by guider_from): ours starts from it.
-            if getattr(self, "_fastguide_owner", None) is not theirs:
-                old = getattr(self, "_fastguide_buffer", None)
-                ra = old.running_average if old is not None else None
-                if (ra is not None and old.momentum == float(self.adaptive_projected_guidance_momentum)
-                        and ra.shape == pred_cond.shape and ra.dtype == pred_cond.dtype
-                        and ra.device == pred_cond.device):
-                    old.reset()
-                else:
-                    old = ops.MomentumBuffer(float(self.adaptive_projected_guidance_momentum))
-                prior = getattr(theirs, "running_average", 0)
-                if isinstance(prior, torch.Tensor):
-                    if prior.shape != pred_cond.shape:
-                        raise ValueError(f"fastguide AdaptiveProjectedGuidance: the momentum buffer's running "
-                                         f"average has shape {tuple(prior.shape)}, the predictions "
-                                         f"{tuple(pred_cond.shape)}; reset the guider (set_state at step 0)")
-                    if old.running_average is None:
-                        old.running_average = torch.zeros_like(pred_cond)
-                    old.running_average.copy_(prior)
-                self._fastguide_buffer, self._fastguide_owner = old, theirs
-            buf = self._fastguide_buffer
+        buf = _synced_buffer(self, pred_cond)
         # diffusers clamps the norm only when the threshold is > 0: a negative one means "no clamp" there too.
         pred = ops.apg(pred_cond, pred_uncond, float(self.guidance_scale), eta=float(self.eta),
                        norm_threshold=max(float(self.adaptive_projected_guidance_rescale), 0.0), momentum_buffer=buf,
@@ -630,6 +640,93 @@ class FrequencyDecoupledGuidance(_Skipping, _dg.FrequencyDecoupledGuidance):
                              rescale_space=self.guidance_rescale_space, original=orig)
 
 
+# --- the diffusers 0.42 guiders: MAG, TCFG, AutoGuidance, APMix, SEG, LTX-2 -------------------------------------
+# Their math lives in fastguide.methods (one function per method, shared with the registry entries).
+class MagnitudeAwareGuidance(_Skipping, _dg.MagnitudeAwareGuidance):
+    __doc__ = "fastguide-backed " + (_dg.MagnitudeAwareGuidance.__doc__ or "")
+    __init__ = _policy_init(_dg.MagnitudeAwareGuidance)
+
+    def _guide(self, pred_cond, pred_uncond, rows=None):
+        if not self._is_mambo_g_enabled():
+            return pred_cond  # diffusers' rescale of pred_cond against itself is the identity
+        return methods.mag(pred_cond, pred_uncond, float(self.guidance_scale), float(self.alpha),
+                           rescale=float(self.guidance_rescale), original=self.use_original_formulation)
+
+
+class TangentialClassifierFreeGuidance(_Skipping, _dg.TangentialClassifierFreeGuidance):
+    __doc__ = "fastguide-backed " + (_dg.TangentialClassifierFreeGuidance.__doc__ or "") + """
+    fastguide: the projection comes from the 2 x 2 Gram matrix of (cond, uncond) (one fused pass, then
+    torch.linalg.svd of [B, 2, 2]) instead of the SVD of the [B, 2, N] predictions; `is_conditional` counts the
+    prepared batches (diffusers 0.42 reads an attribute that does not exist, `_num_outputs_prepared`)."""
+    __init__ = _policy_init(_dg.TangentialClassifierFreeGuidance)
+
+    @property
+    def is_conditional(self):
+        return self._count_prepared == 1
+
+    def _guide(self, pred_cond, pred_uncond, rows=None):
+        if not self._is_tcfg_enabled():
+            return pred_cond
+        return methods.tcfg(pred_cond, pred_uncond, float(self.guidance_scale), rescale=float(self.guidance_rescale),
+                            original=self.use_original_formulation)
+
+
+class AutoGuidance(_Skipping, _dg.AutoGuidance):
+    __doc__ = "fastguide-backed " + (_dg.AutoGuidance.__doc__ or "") + """
+    fastguide: the unconditional batch runs with diffusers' layer-skip hooks (the "bad" model) as in diffusers;
+    the combine is fastguide.cfg. Adaptive guidance / intervals / LinearAG skip that batch per sample."""
+    __init__ = _policy_init(_dg.AutoGuidance)
+
+    def _guide(self, pred_cond, pred_uncond, rows=None):
+        if not self._is_ag_enabled():
+            return pred_cond
+        return ops.cfg(pred_cond, pred_uncond, float(self.guidance_scale), rescale=float(self.guidance_rescale),
+                       original=self.use_original_formulation)
+
+
+class AdaptiveProjectedMixGuidance(_PolicyArgs, _dg.AdaptiveProjectedMixGuidance):
+    __doc__ = "fastguide-backed " + (_dg.AdaptiveProjectedMixGuidance.__doc__ or "")
+    __init__ = _policy_init(_dg.AdaptiveProjectedMixGuidance)
+
+    def _cannot_skip(self):
+        return "its momentum follows cond - uncond on every step, the CFG steps included"
+
+    def forward(self, pred_cond, pred_uncond=None):
+        if not self._is_cfg_enabled():
+            pred = pred_cond  # no momentum update there, as in diffusers
+        else:
+            theirs = self.momentum_buffer
+            buf = _synced_buffer(self, pred_cond)
+            pred = methods.apg_mix(pred_cond, pred_uncond, float(self.guidance_scale),
+                                   float(self.adaptive_projected_guidance_scale), self._is_apg_enabled(),
+                                   eta=float(self.eta),
+                                   norm_threshold=float(self.adaptive_projected_guidance_rescale),
+                                   momentum_buffer=buf, rescale=float(self.guidance_rescale),
+                                   original=self.use_original_formulation)
+            if buf is not None:
+                theirs.running_average = buf.running_average
+        return GuiderOutput(pred=pred, pred_cond=pred_cond, pred_uncond=pred_uncond)
+
+
+class LTX2Guidance(_PolicyArgs, _dg.LTX2Guidance):
+    __doc__ = "fastguide-backed " + (_dg.LTX2Guidance.__doc__ or "")
+    __init__ = _policy_init(_dg.LTX2Guidance)
+
+    def _cannot_skip(self):
+        return "its spatio-temporal and modality passes are guidance terms of their own"
+
+    def forward(self, pred_cond, pred_uncond=None, pred_cond_stg=None, pred_cond_modality=None):
+        terms = []
+        if self.is_cfg_enabled():
+            terms.append((float(self.guidance_scale) - 1.0, pred_uncond))
+        if self.is_stg_enabled():
+            terms.append((float(self.stg_scale), pred_cond_stg))
+        if self.is_modality_enabled():
+            terms.append((float(self.modality_scale) - 1.0, pred_cond_modality))
+        pred = methods.ltx2(pred_cond, terms, rescale=float(self.guidance_rescale))
+        return GuiderOutput(pred=pred, pred_cond=pred_cond, pred_uncond=pred_uncond)
+
+
 GUIDERS = {  # diffusers guider -> fastguide twin
     _dg.ClassifierFreeGuidance: ClassifierFreeGuidance,
     _dg.PerturbedAttentionGuidance: PerturbedAttentionGuidance,
@@ -637,6 +734,11 @@ GUIDERS = {  # diffusers guider -> fastguide twin
     _dg.ClassifierFreeZeroStarGuidance: ClassifierFreeZeroStarGuidance,
     _dg.AdaptiveProjectedGuidance: AdaptiveProjectedGuidance,
     _dg.FrequencyDecoupledGuidance: FrequencyDecoupledGuidance,
+    _dg.MagnitudeAwareGuidance: MagnitudeAwareGuidance,
+    _dg.TangentialClassifierFreeGuidance: TangentialClassifierFreeGuidance,
+    _dg.AutoGuidance: AutoGuidance,
+    _dg.AdaptiveProjectedMixGuidance: AdaptiveProjectedMixGuidance,
+    _dg.LTX2Guidance: LTX2Guidance,
 }
 
 # The twins that can skip the unconditional pass per sample (PAG / SLG cannot: a third branch).
