@@ -54,12 +54,13 @@ from diffusers import guiders as _dg
 from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput
 
 from . import frequency, methods, ops
+from .attention import seg_blur_
 from .pipelines import AG, LinearAG
 from .skip import NoiseSchedule, SkipPolicy, check_policy
 
 __all__ = ["AdaptiveProjectedGuidance", "AdaptiveProjectedMixGuidance", "AutoGuidance", "BaseGuidance", "ClassifierFreeGuidance", "ClassifierGuidance", "ClassifierFreeZeroStarGuidance",
            "FrequencyDecoupledGuidance", "LTX2Guidance", "MagnitudeAwareGuidance", "PerturbedAttentionGuidance",
-           "SkipLayerGuidance", "TangentialClassifierFreeGuidance", "guider_from",
+           "SkipLayerGuidance", "SmoothedEnergyGuidance", "TangentialClassifierFreeGuidance", "guider_from",
            "recording", "GUIDERS", "SKIPPING"]
 
 POLICY_ARGS = ("adaptive", "interval", "linear_ag", "scheduler")
@@ -671,11 +672,28 @@ class TangentialClassifierFreeGuidance(_Skipping, _dg.TangentialClassifierFreeGu
                             original=self.use_original_formulation)
 
 
+_autoguidance_init = _policy_init(_dg.AutoGuidance)
+
+
+def _autoguidance_layers_init(self, *args, **kwargs):
+    _autoguidance_init(self, *args, **kwargs)
+    # diffusers 0.42 builds LayerSkipConfig(layer, ...) per entry of auto_guidance_layers, an int where the
+    # config wants a list of indices: its layer-skip hook then fails with len(int). Same layers, as lists.
+    for config in self.auto_guidance_config:
+        if isinstance(config.indices, int):
+            config.indices = [config.indices]
+
+
+_autoguidance_layers_init.__signature__ = _autoguidance_init.__signature__
+_autoguidance_layers_init.__doc__ = _autoguidance_init.__doc__
+
+
 class AutoGuidance(_Skipping, _dg.AutoGuidance):
     __doc__ = "fastguide-backed " + (_dg.AutoGuidance.__doc__ or "") + """
     fastguide: the unconditional batch runs with diffusers' layer-skip hooks (the "bad" model) as in diffusers;
-    the combine is fastguide.cfg. Adaptive guidance / intervals / LinearAG skip that batch per sample."""
-    __init__ = _policy_init(_dg.AutoGuidance)
+    the combine is fastguide.cfg. Adaptive guidance / intervals / LinearAG skip that batch per sample.
+    `auto_guidance_layers=[...]` works (diffusers 0.42 crashes on it at the first unconditional batch)."""
+    __init__ = _autoguidance_layers_init
 
     def _guide(self, pred_cond, pred_uncond, rows=None):
         if not self._is_ag_enabled():
@@ -708,6 +726,80 @@ class AdaptiveProjectedMixGuidance(_PolicyArgs, _dg.AdaptiveProjectedMixGuidance
         return GuiderOutput(pred=pred, pred_cond=pred_cond, pred_uncond=pred_uncond)
 
 
+def _apply_seg_hooks(denoiser, config, blur_sigma, blur_threshold_inf, name):
+    """diffusers' `_apply_smoothed_energy_guidance_hook` (same layer selection: the non-cross attention modules of
+    the blocks `config.indices` of the stack `config.fqn`, their `to_q`), with fastguide's blur hook."""
+    from diffusers.hooks import HookRegistry
+    from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS, _ATTENTION_CLASSES, _get_submodule_from_fqn
+    where = "fastguide.diffusers.SmoothedEnergyGuidance"
+    if config.fqn == "auto":
+        found = [i for i in _ALL_TRANSFORMER_BLOCK_IDENTIFIERS if hasattr(denoiser, i)]
+        if not found:
+            raise ValueError(f"{where}: no stack of transformer blocks found automatically in "
+                             f"{type(denoiser).__name__}; give SmoothedEnergyGuidanceConfig(fqn=...)")
+        config.fqn = found[0]
+    if config._query_proj_identifiers is None:
+        config._query_proj_identifiers = ["to_q"]
+    blocks_found = False
+    for i, block in enumerate(_get_submodule_from_fqn(denoiser, config.fqn)):
+        if i not in config.indices:
+            continue
+        blocks_found = True
+        for sub in block.modules():
+            if not isinstance(sub, _ATTENTION_CLASSES) or sub.is_cross_attention:
+                continue
+            for ident in config._query_proj_identifiers:
+                proj = getattr(sub, ident, None)
+                if isinstance(proj, torch.nn.Linear):
+                    HookRegistry.check_if_exists_or_initialize(proj).register_hook(
+                        _SEGQueryHook(blur_sigma, blur_threshold_inf), name)
+    if not blocks_found:
+        raise ValueError(f"{where}: no transformer blocks {config.indices} in '{config.fqn}' of {type(denoiser).__name__}")
+
+
+def _seg_query_hook_class():
+    from diffusers.hooks.smoothed_energy_guidance_utils import SmoothedEnergyGuidanceHook
+
+    class _SEGQueryHook(SmoothedEnergyGuidanceHook):
+        """diffusers' SEG hook on `to_q` with the official blur (fastguide.attention.seg_blur_) and the guider's
+        own `seg_blur_threshold_inf` (diffusers' hook keeps its default 9999.9)."""
+
+        def post_forward(self, module, output):
+            return seg_blur_(output, self.blur_sigma, self.blur_threshold_inf)
+
+    return _SEGQueryHook
+
+
+_SEGQueryHook = _seg_query_hook_class()
+
+
+class SmoothedEnergyGuidance(_SkipLayerForward, _dg.SmoothedEnergyGuidance):
+    __doc__ = "fastguide-backed " + (_dg.SmoothedEnergyGuidance.__doc__ or "") + """
+    fastguide: the blurred-query batch is really blurred. diffusers 0.42's `prepare_models` never counts the
+    batches, so its hooks never go on and `pred_cond_seg` equals `pred_cond` (SEG is a no-op there); and its
+    blur swaps the finite / infinite branches (a finite sigma gives the mean query, the default "infinite" sigma
+    a box blur). Here the third batch (the second with CFG off) gets the official SEG blur
+    (fastguide.attention.seg_blur_) on `to_q` of the configured layers; the combine is fastguide.pag / cfg.
+    In `fastguide.enable`'s single batch the same blur runs as `fastguide.attention.SEGProcessor`."""
+    __init__ = _policy_init(_dg.SmoothedEnergyGuidance)
+
+    # _SkipLayerForward's combine under SEG's names: base + scale (cond - uncond) + seg_scale (cond - seg)
+    _is_slg_enabled = _dg.SmoothedEnergyGuidance._is_seg_enabled
+
+    @property
+    def skip_layer_guidance_scale(self):
+        return self.seg_guidance_scale
+
+    def prepare_models(self, denoiser):
+        self._count_prepared += 1
+        if self._is_seg_enabled() and self.is_conditional and self._count_prepared > 1:
+            for name, config in zip(self._seg_layer_hook_names, self.seg_guidance_config):
+                _apply_seg_hooks(denoiser, config, float(self.seg_blur_sigma), float(self.seg_blur_threshold_inf), name)
+
+    def forward(self, pred_cond, pred_uncond=None, pred_cond_seg=None):
+        return super().forward(pred_cond, pred_uncond, pred_cond_seg)
+
+
 class LTX2Guidance(_PolicyArgs, _dg.LTX2Guidance):
     __doc__ = "fastguide-backed " + (_dg.LTX2Guidance.__doc__ or "")
     __init__ = _policy_init(_dg.LTX2Guidance)
@@ -738,6 +830,7 @@ GUIDERS = {  # diffusers guider -> fastguide twin
     _dg.TangentialClassifierFreeGuidance: TangentialClassifierFreeGuidance,
     _dg.AutoGuidance: AutoGuidance,
     _dg.AdaptiveProjectedMixGuidance: AdaptiveProjectedMixGuidance,
+    _dg.SmoothedEnergyGuidance: SmoothedEnergyGuidance,
     _dg.LTX2Guidance: LTX2Guidance,
 }
 

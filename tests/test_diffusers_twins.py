@@ -7,6 +7,7 @@ from diffusers import guiders as dg
 
 import fastguide
 import fastguide.diffusers as fd
+from reference import mambo_guidance, tangential_cfg
 
 STEPS = 12
 SHAPE = (2, 64, 12)  # [B, tokens, channels]: diffusers 0.42 MAG fails on 4-d inputs (test below)
@@ -28,6 +29,10 @@ CASES = [
                                            adaptive_projected_guidance_start_step=3, start=0.1, stop=0.9), 2),
     (dg.AdaptiveProjectedMixGuidance, dict(adaptive_projected_guidance_momentum=None, use_original_formulation=True,
                                            adaptive_projected_guidance_rescale=0.0, adaptive_projected_guidance_start_step=2), 2),
+    (dg.SmoothedEnergyGuidance, dict(guidance_scale=5.0, seg_guidance_scale=2.8, seg_guidance_layers=[0],
+                                     seg_guidance_start=0.1, seg_guidance_stop=0.7, stop=0.9), 3),
+    (dg.SmoothedEnergyGuidance, dict(guidance_scale=1.0, seg_guidance_scale=3.0, seg_guidance_layers=[0],
+                                     guidance_rescale=0.5, use_original_formulation=True), 3),
     (dg.LTX2Guidance, dict(guidance_scale=3.0, stg_scale=1.0, modality_scale=3.0, spatio_temporal_guidance_blocks=[1]), 4),
     (dg.LTX2Guidance, dict(guidance_scale=4.0, stg_scale=0.5, guidance_rescale=0.7, start=0.2), 4),
     (dg.LTX2Guidance, dict(guidance_scale=1.0, modality_scale=2.0, stop=0.5), 4),
@@ -50,6 +55,8 @@ def _forward(g, preds):
         names = g.active_predictions()
         every = dict(zip(dg.LTX2Guidance._input_predictions, preds))
         return g.forward(**{k: every[k] for k in names}).pred
+    if len(preds) == 3:  # SEG: cond, uncond, cond_seg by position, disabled ones unused
+        return g.forward(*preds).pred
     return g.forward(*preds[: g.num_conditions]).pred
 
 
@@ -70,3 +77,191 @@ def test_steps_equal_diffusers(case, make):
         assert ours.num_conditions == theirs.num_conditions
         ref, out = _forward(theirs, preds), _forward(ours, preds)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-5 * ref.abs().max().item(), msg=f"step {step}")
+
+
+# --- dtypes, tensor-free edge cases, the registry's combine ---------------------------------------------------
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("cls,kw", [(dg.MagnitudeAwareGuidance, dict(guidance_scale=6.0, alpha=2.0)),
+                                    (dg.TangentialClassifierFreeGuidance, dict(guidance_scale=6.0, guidance_rescale=0.5)),
+                                    (dg.LTX2Guidance, dict(guidance_scale=3.0, stg_scale=1.0, modality_scale=2.0))],
+                         ids=["mag", "tcfg", "ltx2"])
+def test_dtypes_against_diffusers_in_float64(cls, kw, dtype, tol):
+    """Against diffusers' guider run in float64 on the same (rounded) inputs: float64 inputs get float64 norms,
+    Gram matrices and scales (diffusers' TCFG itself computes in fp32: compared with its float64 math)."""
+    preds = [p.to(dtype) for p in _preds(4)]
+    theirs, ours = cls(**kw), fd.GUIDERS[cls](**kw)
+    for g in (theirs, ours):
+        g.set_state(step=0, num_inference_steps=STEPS, timestep=torch.tensor(999))
+    if cls is dg.TangentialClassifierFreeGuidance:  # diffusers' normalized_guidance casts to fp32: its math in fp64
+        from diffusers.guiders.guider_utils import rescale_noise_cfg
+        c, u = preds[0].double(), preds[1].double()
+        ref = rescale_noise_cfg(tangential_cfg(c, u, 6.0), c, 0.5)
+    else:
+        ref = _forward(theirs, [p.double() for p in preds])
+    out = _forward(ours, preds)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
+def test_registry_entries_name_their_twins_and_configs():
+    """Each new registry entry builds its twin from its parameters (the guider route of `enable`)."""
+    for name, cls in [("mag", fd.MagnitudeAwareGuidance), ("tcfg", fd.TangentialClassifierFreeGuidance),
+                      ("apg_mix", fd.AdaptiveProjectedMixGuidance), ("ltx2", fd.LTX2Guidance)]:
+        m = fastguide.METHODS[name]
+        p = m.check_params({**m.example, "scale": 4.0, "rescale": 0.25}, "test")
+        g = getattr(fd, m.twin)(**m.guider_config(p))
+        assert type(g) is cls and g.guidance_scale == 4.0 and g.guidance_rescale == 0.25
+
+
+def test_apg_mix_entry_equals_the_twin_over_a_trajectory():
+    """The registry's combine (enable's route) and the twin agree step by step, momentum carried in both."""
+    m = fastguide.METHODS["apg_mix"]
+    p = m.check_params({"scale": 4.0, "start_step": 2, "apg_scale": 7.0, "eta": 0.3}, "test")
+    state, twin = m.new_state(p), fd.AdaptiveProjectedMixGuidance(**m.guider_config(p))
+    for step in range(6):
+        c, u = [x.float() for x in _preds(2)]
+        twin.set_state(step=step, num_inference_steps=6, timestep=torch.tensor(999 - step))
+        twin.prepare_inputs({})
+        torch.testing.assert_close(m.combine({"cond": c, "uncond": u}, p, state, step), twin.forward(c, u).pred)
+
+
+def test_ltx2_entry_rejects_original():
+    m = fastguide.METHODS["ltx2"]
+    p = m.check_params({"scale": 3.0, "original": True}, "test")
+    c = torch.randn(SHAPE)
+    with pytest.raises(ValueError, match="original=True does not apply"):
+        m.combine({"cond": c, "uncond": c, "perturbed": c}, p, None, 0)
+
+
+# --- save / load -----------------------------------------------------------------------------------------------
+SAVE = [(fd.MagnitudeAwareGuidance, dict(guidance_scale=9.0, alpha=3.0, adaptive=fastguide.AG(0.98, "prediction"))),
+        (fd.TangentialClassifierFreeGuidance, dict(guidance_scale=6.0, use_original_formulation=True)),
+        (fd.AutoGuidance, dict(guidance_scale=2.5, auto_guidance_layers=[0, 1], dropout=1.0)),
+        (fd.AdaptiveProjectedMixGuidance, dict(adaptive_projected_guidance_start_step=3, eta=0.25)),
+        (fd.SmoothedEnergyGuidance, dict(seg_guidance_layers=[1], seg_blur_sigma=3.0)),
+        (fd.LTX2Guidance, dict(guidance_scale=3.0, stg_scale=1.0, spatio_temporal_guidance_blocks=[2]))]
+
+
+@pytest.mark.parametrize("cls,kw", SAVE, ids=[c.__name__ for c, _ in SAVE])
+def test_save_load_round_trip(tmp_path, cls, kw):
+    ours = cls(**kw)
+    ours.save_pretrained(tmp_path)
+    back = cls.from_pretrained(tmp_path)
+    public = lambda cfg: {k: v for k, v in cfg.items() if not k.startswith("_")}  # noqa: E731
+    assert type(back) is cls and public(back.config) == public(ours.config)
+    assert (back._skip is None) == (ours._skip is None)
+    theirs = next(b for b in cls.__mro__ if b.__module__.startswith("diffusers.guiders"))
+    loaded = theirs.from_pretrained(tmp_path)  # diffusers reads ours (and ignores the policy entries)
+    expect = {k: v for k, v in public(ours.config).items() if k not in fd.POLICY_ARGS}
+    assert type(loaded) is theirs and {k: v for k, v in public(loaded.config).items() if k in expect} == expect
+
+
+# --- the skipping policy on the cond / uncond twins ----------------------------------------------------------
+class _BlockDenoiser(torch.nn.Module):
+    """Per-sample toy denoiser on [B, tokens, 4] made of diffusers BasicTransformerBlocks (so AutoGuidance's
+    layer skip applies); records the rows of every call."""
+
+    def __init__(self):
+        super().__init__()
+        from diffusers.models.attention import BasicTransformerBlock
+        torch.manual_seed(3)
+        self.transformer_blocks = torch.nn.ModuleList([BasicTransformerBlock(4, 1, 4) for _ in range(2)])
+        self.calls = []
+
+    def forward(self, latents, t, emb=None):
+        self.calls.append(latents.shape[0])
+        h = latents + emb[:, None, :]
+        for block in self.transformer_blocks:
+            h = block(h)
+        return torch.tanh(h * (1 + 0.001 * float(t)))
+
+
+def _run(guider, cond_emb, uncond_emb, x, steps=5):
+    den = _BlockDenoiser()
+    for i in range(steps):
+        t = torch.tensor(float(999 - 150 * i))
+        guider.set_state(step=i, num_inference_steps=steps, timestep=t)
+        batches = guider.prepare_inputs({"emb": (cond_emb, uncond_emb)})
+        for batch in batches:
+            guider.prepare_models(den)
+            batch.noise_pred = den(x, t, emb=batch.emb)
+            guider.cleanup_models(den)
+        x = x - 0.1 * guider(batches).pred
+    return x, den.calls
+
+
+def _policy_inputs():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(2, 4, generator=g), torch.randn(2, 4, generator=g), torch.randn(2, 16, 4, generator=g)
+
+
+def _skip1():
+    from diffusers.hooks import LayerSkipConfig
+    return LayerSkipConfig(indices=[1], fqn="auto", dropout=1.0)
+
+
+POLICY = [(dg.MagnitudeAwareGuidance, lambda: dict(guidance_scale=5.0, alpha=1.0)),
+          (dg.TangentialClassifierFreeGuidance, lambda: dict(guidance_scale=4.0)),
+          (dg.AutoGuidance, lambda: dict(guidance_scale=3.0, auto_guidance_config=_skip1()))]
+
+
+@pytest.mark.parametrize("cls,kw", POLICY, ids=[c.__name__ for c, _ in POLICY])
+def test_adaptive_guidance_on_the_cond_uncond_twins(cls, kw):
+    """Never switching (threshold 1.5): diffusers' guider exactly, every row evaluated (AutoGuidance: its layer
+    skip on the unconditional batch). AG(-1): one unconditional pass, equal to diffusers' guider stopping
+    after step 0."""
+    ref, ref_calls = _run(cls(**kw()), *_policy_inputs())
+    out, calls = _run(fd.GUIDERS[cls](**kw(), adaptive=fastguide.AG(1.5, "prediction")), *_policy_inputs())
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert calls == ref_calls == [2, 2] * 5
+    ours = fd.GUIDERS[cls](**kw(), adaptive=fastguide.AG(-1.0, "prediction"))
+    out, calls = _run(ours, *_policy_inputs())
+    ref, _ = _run(cls(**kw(), stop=1 / 5), *_policy_inputs())
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert calls == [2, 2, 2, 2, 2, 2] and ours.report.ag_switch_step == [0, 0]
+
+
+def test_autoguidance_layers_where_diffusers_crashes():
+    """auto_guidance_layers=[1] in diffusers 0.42 makes LayerSkipConfig(indices=1) and its hook fails on
+    len(1) at the first unconditional batch; the twin runs it as auto_guidance_config(indices=[1]) does,
+    and the layer skip matters (the result differs from plain CFG)."""
+    with pytest.raises(TypeError, match="has no len"):
+        _run(dg.AutoGuidance(guidance_scale=3.0, auto_guidance_layers=[1], dropout=1.0), *_policy_inputs())
+    out, _ = _run(fd.AutoGuidance(guidance_scale=3.0, auto_guidance_layers=[1], dropout=1.0), *_policy_inputs())
+    ref, _ = _run(dg.AutoGuidance(guidance_scale=3.0, auto_guidance_config=_skip1()), *_policy_inputs())
+    cfg, _ = _run(dg.ClassifierFreeGuidance(guidance_scale=3.0), *_policy_inputs())
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert (out - cfg).abs().max() > 1e-3
+
+
+def test_guiders_with_extra_branches_or_state_refuse_a_policy():
+    for cls, kw in [(fd.AdaptiveProjectedMixGuidance, {}), (fd.LTX2Guidance, {}),
+                    (fd.SmoothedEnergyGuidance, dict(seg_guidance_layers=[0]))]:
+        with pytest.raises(ValueError, match="cannot do"):
+            cls(**kw, adaptive=fastguide.AG(0.9, "prediction"))
+
+
+# --- where diffusers 0.42 is wrong -------------------------------------------------------------------------------
+def test_mag_on_image_shaped_predictions_where_diffusers_raises():
+    """diffusers' mambo_guidance takes torch.norm over 3 dims, which torch refuses for [B, C, H, W]; the twin
+    follows the formula (vector norms over all non-batch dims), as on [B, N, C] where diffusers runs."""
+    c, u = [p.float() for p in _preds(2, shape=(2, 4, 8, 8))]
+    theirs, ours = dg.MagnitudeAwareGuidance(guidance_scale=7.0, alpha=4.0), fd.MagnitudeAwareGuidance(
+        guidance_scale=7.0, alpha=4.0)
+    with pytest.raises(RuntimeError, match="dim must be a 2-tuple"):
+        theirs.forward(c, u)
+    ref = mambo_guidance(c.double(), u.double(), 7.0, 4.0)
+    torch.testing.assert_close(ours.forward(c, u).pred.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_tcfg_is_conditional_where_diffusers_raises():
+    """diffusers' TCFG reads self._num_outputs_prepared, which nothing sets: its is_conditional raises, so a
+    modular pipeline cannot run it. The twin counts prepared batches like every other guider."""
+    theirs, ours = dg.TangentialClassifierFreeGuidance(), fd.TangentialClassifierFreeGuidance()
+    with pytest.raises(AttributeError, match="is_conditional"):  # (a property raising AttributeError)
+        theirs.is_conditional
+    ours.set_state(step=0, num_inference_steps=4, timestep=torch.tensor(999))
+    ours.prepare_models(torch.nn.Identity())
+    assert ours.is_conditional
+    ours.prepare_models(torch.nn.Identity())
+    assert not ours.is_conditional
