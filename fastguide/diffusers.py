@@ -672,20 +672,21 @@ class TangentialClassifierFreeGuidance(_Skipping, _dg.TangentialClassifierFreeGu
                             original=self.use_original_formulation)
 
 
-_autoguidance_init = _policy_init(_dg.AutoGuidance)
+def _listed_layers_init(base, attr):
+    """`_policy_init(base)` whose layer configs (`attr`) hold lists of indices. diffusers 0.42 builds
+    `LayerSkipConfig(layer, ...)` / `SmoothedEnergyGuidanceConfig(layer, ...)` per entry of
+    auto_guidance_layers / seg_guidance_layers, an int where the config wants a list: the hooks then fail on
+    len(int) / `i in int` at the first perturbed batch. Same layers, as lists; the saved config is unchanged."""
+    init = _policy_init(base)
 
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        for config in getattr(self, attr):
+            if isinstance(config.indices, int):
+                config.indices = [config.indices]
 
-def _autoguidance_layers_init(self, *args, **kwargs):
-    _autoguidance_init(self, *args, **kwargs)
-    # diffusers 0.42 builds LayerSkipConfig(layer, ...) per entry of auto_guidance_layers, an int where the
-    # config wants a list of indices: its layer-skip hook then fails with len(int). Same layers, as lists.
-    for config in self.auto_guidance_config:
-        if isinstance(config.indices, int):
-            config.indices = [config.indices]
-
-
-_autoguidance_layers_init.__signature__ = _autoguidance_init.__signature__
-_autoguidance_layers_init.__doc__ = _autoguidance_init.__doc__
+    __init__.__signature__, __init__.__doc__ = init.__signature__, init.__doc__
+    return __init__
 
 
 class AutoGuidance(_Skipping, _dg.AutoGuidance):
@@ -693,7 +694,7 @@ class AutoGuidance(_Skipping, _dg.AutoGuidance):
     fastguide: the unconditional batch runs with diffusers' layer-skip hooks (the "bad" model) as in diffusers;
     the combine is fastguide.cfg. Adaptive guidance / intervals / LinearAG skip that batch per sample.
     `auto_guidance_layers=[...]` works (diffusers 0.42 crashes on it at the first unconditional batch)."""
-    __init__ = _autoguidance_layers_init
+    __init__ = _listed_layers_init(_dg.AutoGuidance, "auto_guidance_config")
 
     def _guide(self, pred_cond, pred_uncond, rows=None):
         if not self._is_ag_enabled():
@@ -780,8 +781,9 @@ class SmoothedEnergyGuidance(_SkipLayerForward, _dg.SmoothedEnergyGuidance):
     blur swaps the finite / infinite branches (a finite sigma gives the mean query, the default "infinite" sigma
     a box blur). Here the third batch (the second with CFG off) gets the official SEG blur
     (fastguide.attention.seg_blur_) on `to_q` of the configured layers; the combine is fastguide.pag / cfg.
-    In `fastguide.enable`'s single batch the same blur runs as `fastguide.attention.SEGProcessor`."""
-    __init__ = _policy_init(_dg.SmoothedEnergyGuidance)
+    In `fastguide.enable`'s single batch the same blur runs as `fastguide.attention.SEGProcessor`.
+    `seg_guidance_layers=[...]` works (diffusers 0.42 would fail on it once its hooks went on)."""
+    __init__ = _listed_layers_init(_dg.SmoothedEnergyGuidance, "seg_guidance_config")
 
     # _SkipLayerForward's combine under SEG's names: base + scale (cond - uncond) + seg_scale (cond - seg)
     _is_slg_enabled = _dg.SmoothedEnergyGuidance._is_seg_enabled

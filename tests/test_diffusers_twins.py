@@ -265,3 +265,128 @@ def test_tcfg_is_conditional_where_diffusers_raises():
     assert ours.is_conditional
     ours.prepare_models(torch.nn.Identity())
     assert not ours.is_conditional
+
+
+# --- SEG: the blur, the processor (enable's single batch) and the twin's hooks (the guider's own batch) ---------
+from diffusers.hooks import HookRegistry  # noqa: E402
+from diffusers.hooks.smoothed_energy_guidance_utils import (SmoothedEnergyGuidanceConfig,  # noqa: E402
+                                                            _apply_smoothed_energy_guidance_hook, _gaussian_blur_2d)
+
+from fastguide import attention  # noqa: E402
+
+SIGMAS = [1.5, 9999999.0]  # a finite blur (kernel 11, clamped to the grid) and diffusers' default "infinite" one
+
+
+def _diffusers_blur(q, sigma, branch):
+    """diffusers' _gaussian_blur_2d forced into `branch` ("conv": its Gaussian conv, "mean": its mean)."""
+    k = -(-6 * sigma // 1) + 1 - (-(-6 * sigma // 1)) % 2
+    return _gaussian_blur_2d(q, int(min(k, 10 ** 6)), sigma, -1.0 if branch == "conv" else float("inf"))
+
+
+@pytest.mark.parametrize("sigma", SIGMAS)
+@pytest.mark.parametrize("seq", [64, 70, 49])
+def test_seg_blur_is_the_official_branch_of_diffusers_blur(sigma, seq):
+    """Finite sigma: Gaussian conv; sigma > threshold: the mean query (official SEG). Both equal diffusers'
+    function taking that branch; tokens past the square grid (seq 70) stay as they are."""
+    q = torch.randn(3, seq, 6)
+    ref = _diffusers_blur(q.clone(), sigma, "conv" if sigma < 9999 else "mean")
+    out = attention.seg_blur_(q.clone(), sigma)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[:, 64:], q[:, 64:])
+
+
+def test_diffusers_blur_swaps_the_branches():
+    """diffusers 0.42 (its own threshold 9999.9): any finite sigma gives the mean query (sigma 2 == sigma 4),
+    and the default "infinite" sigma a Gaussian conv (not the mean)."""
+    q = torch.randn(2, 64, 5)
+    run = lambda s: _gaussian_blur_2d(q.clone(), int(6 * s) + 1 - int(6 * s) % 2, s, 9999.9)  # noqa: E731
+    mean = q.mean(1, keepdim=True).expand_as(q)
+    torch.testing.assert_close(run(2.0), run(4.0))
+    torch.testing.assert_close(run(2.0), mean)
+    assert (run(9999999.0) - mean).abs().max() > 1e-2
+    assert (attention.seg_blur_(q.clone(), 2.0) - mean).abs().max() > 1e-2
+
+
+def tiny_sd3():
+    from diffusers import SD3Transformer2DModel
+    torch.manual_seed(0)
+    return SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                                 num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
+                                 pooled_projection_dim=16, out_channels=4).eval()
+
+
+def _model(kind):
+    """(model, fqn of its block stack, call(model, rows) -> prediction, the attention module SEG perturbs)."""
+    g = torch.Generator().manual_seed(5)
+    if kind == "unet":
+        from fastguide.bench import tiny_unet
+        model = tiny_unet("cpu")
+        x, t, e = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([500.0, 500.0]), torch.randn(2, 5, 32, generator=g)
+        fqn = "down_blocks.0.attentions.0.transformer_blocks"
+        call = lambda m, r: m(x[r], t[r], encoder_hidden_states=e[r]).sample  # noqa: E731
+        layer = model.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    else:
+        model = tiny_sd3()
+        x, e, p = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 5, 32, generator=g), torch.randn(2, 16, generator=g)
+        fqn = "transformer_blocks"
+        call = lambda m, r: m(x[r], encoder_hidden_states=e[r], pooled_projections=p[r],  # noqa: E731
+                              timestep=torch.tensor([500.0, 500.0])[r]).sample
+        layer = model.transformer_blocks[0].attn
+    return model, fqn, call, layer
+
+
+def _diffusers_hooked(model, fqn, sigma, branch):
+    """diffusers' SEG hooks on block 0, their blur forced into `branch`."""
+    _apply_smoothed_energy_guidance_hook(model, SmoothedEnergyGuidanceConfig([0], fqn=fqn), sigma, name="seg")
+    for m in model.modules():
+        hook = m._diffusers_hook.get_hook("seg") if hasattr(m, "_diffusers_hook") else None
+        if hook is not None:
+            hook.blur_threshold_inf = -1.0 if branch == "conv" else float("inf")
+
+
+@pytest.mark.parametrize("sigma", SIGMAS)
+@pytest.mark.parametrize("kind", ["unet", "sd3"])
+def test_seg_processor_equals_diffusers_hooks(kind, sigma):
+    """One batch [x0, x1] with SEGProcessor(perturbed=1) on the layer: row 0 is the plain model, row 1 the model
+    with diffusers' SEG hook on that layer's to_q (its blur taking the official branch). UNet self-attention
+    and SD3 joint attention."""
+    model, fqn, call, layer = _model(kind)
+    with torch.no_grad():
+        plain = call(model, slice(0, 1))
+        stock = layer.processor
+        layer.set_processor(attention.SEGProcessor(sigma, perturbed=1))
+        out = call(model, slice(0, 2))
+        layer.set_processor(stock)
+        _diffusers_hooked(model, fqn, sigma, "conv" if sigma < 9999 else "mean")
+        ref = call(model, slice(1, 2))
+        HookRegistry.check_if_exists_or_initialize(model).remove_hook("seg", recurse=True)
+    torch.testing.assert_close(out[:1], plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[1:], ref, rtol=1e-5, atol=1e-5)
+    assert (ref - call(model, slice(1, 2))).abs().max() > 1e-4  # the blur changes the prediction
+
+
+def test_seg_twin_blurs_its_seg_batch_where_diffusers_does_not():
+    """The guider protocol on a tiny SD3 transformer: the twin's third batch runs with the blur (equal to the
+    processor route), its hooks are gone after cleanup; diffusers' guider never installs its hooks (its
+    prepare_models does not count the batches), so its pred_cond_seg is pred_cond."""
+    model, _, call, layer = _model("sd3")
+    rows = slice(0, 1)
+    with torch.no_grad():
+        plain = call(model, rows)
+        stock = layer.processor
+        layer.set_processor(attention.SEGProcessor(2.0, perturbed=2))
+        blurred = call(model, slice(0, 2))[rows]
+        layer.set_processor(stock)
+        for module, expect in [(fd, blurred), (dg, plain)]:
+            g = module.SmoothedEnergyGuidance(guidance_scale=5.0, seg_guidance_layers=[0], seg_blur_sigma=2.0)
+            g.set_state(step=1, num_inference_steps=4, timestep=torch.tensor(500.0))
+            outs = []
+            for _ in range(g.num_conditions):
+                g.prepare_models(model)
+                outs.append(call(model, rows))
+                g.cleanup_models(model)
+            assert g.num_conditions == 3
+            torch.testing.assert_close(outs[0], plain)
+            torch.testing.assert_close(outs[2], expect, rtol=1e-5, atol=1e-5)
+        assert (blurred - plain).abs().max() > 1e-4
+        torch.testing.assert_close(call(model, rows), plain)  # hooks removed
