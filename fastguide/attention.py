@@ -162,7 +162,8 @@ class SEGProcessor(IdentityPAGProcessor):
 
     def __init__(self, blur_sigma=9999999.0, blur_threshold_inf=9999.0, perturbed=None, chunks=3):
         if not isinstance(blur_sigma, (int, float)) or not blur_sigma > 0 or not math.isfinite(blur_sigma):
-            raise ValueError(f"fastguide.attention.SEGProcessor: blur_sigma must be a finite float > 0, got {blur_sigma!r}")
+            raise ValueError(f"fastguide.attention.SEGProcessor: blur_sigma must be a finite float > 0, "
+                             f"got {blur_sigma!r}")
         super().__init__(perturbed, chunks)
         self.blur_sigma, self.blur_threshold_inf = float(blur_sigma), float(blur_threshold_inf)
 
@@ -194,7 +195,8 @@ class SEGProcessor(IdentityPAGProcessor):
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
+                                             is_causal=False)
         out = out.transpose(1, 2).reshape(batch, seq, -1).to(query.dtype)
         hidden_states = attn.to_out[1](attn.to_out[0](out))
         if input_ndim == 4:
@@ -284,14 +286,9 @@ def apply_pag(model, layers, processor=None):
     return processor
 
 
-class GatedPAGProcessor(IdentityPAGProcessor):
-    """Identity-attention PAG on one layer only while `gate()` is true; the layer's own processor
-    (`fallback`) otherwise. `fastguide.enable` puts these on a denoiser that several pipelines may share,
-    so the perturbed rows exist only in the calls of the pipeline that asked for PAG on this layer."""
-
-    def __init__(self, gate, fallback, perturbed=None, chunks=3):
-        super().__init__(perturbed, chunks)
-        self.gate, self.fallback = gate, fallback
+class _Gated:
+    """The processor's perturbation while `self.gate()` is true, the layer's own processor (`self.fallback`)
+    otherwise."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         if self.gate():
@@ -300,6 +297,24 @@ class GatedPAGProcessor(IdentityPAGProcessor):
             kwargs["temb"] = temb
         return self.fallback(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
                              attention_mask=attention_mask, **kwargs)
+
+
+class GatedPAGProcessor(_Gated, IdentityPAGProcessor):
+    """Identity-attention PAG on one layer only while `gate()` is true; the layer's own processor
+    (`fallback`) otherwise. `fastguide.enable` puts these on a denoiser that several pipelines may share,
+    so the perturbed rows exist only in the calls of the pipeline that asked for PAG on this layer."""
+
+    def __init__(self, gate, fallback, perturbed=None, chunks=3):
+        super().__init__(perturbed, chunks)
+        self.gate, self.fallback = gate, fallback
+
+
+class GatedSEGProcessor(_Gated, SEGProcessor):
+    """SEGProcessor while `gate()` is true, `fallback` otherwise (GatedPAGProcessor's role, for SEG)."""
+
+    def __init__(self, gate, fallback, blur_sigma=9999999.0, blur_threshold_inf=9999.0, perturbed=None, chunks=3):
+        super().__init__(blur_sigma, blur_threshold_inf, perturbed, chunks)
+        self.gate, self.fallback = gate, fallback
 
 
 def remove_pag(model):

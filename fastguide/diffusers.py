@@ -755,7 +755,8 @@ def _apply_seg_hooks(denoiser, config, blur_sigma, blur_threshold_inf, name):
                     HookRegistry.check_if_exists_or_initialize(proj).register_hook(
                         _SEGQueryHook(blur_sigma, blur_threshold_inf), name)
     if not blocks_found:
-        raise ValueError(f"{where}: no transformer blocks {config.indices} in '{config.fqn}' of {type(denoiser).__name__}")
+        raise ValueError(f"{where}: no transformer blocks {config.indices} in '{config.fqn}' of "
+                         f"{type(denoiser).__name__}")
 
 
 def _seg_query_hook_class():

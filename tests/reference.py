@@ -47,7 +47,8 @@ def mambo_guidance(cond, uncond, scale, alpha, original=False):
     """MAMBO-G (diffusers' mambo_guidance) with vector norms over every non-batch dim."""
     dims = tuple(range(1, cond.dim()))
     diff = cond - uncond
-    ratio = torch.linalg.vector_norm(diff, dim=dims, keepdim=True) / torch.linalg.vector_norm(uncond, dim=dims, keepdim=True)
+    norm = lambda x: torch.linalg.vector_norm(x, dim=dims, keepdim=True)  # noqa: E731
+    ratio = norm(diff) / norm(uncond)
     weight = torch.exp(-alpha * ratio)
     s = scale * weight if original else 1.0 + (scale - 1.0) * weight
     return (cond if original else uncond) + s * diff

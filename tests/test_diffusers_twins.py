@@ -28,12 +28,14 @@ CASES = [
                                            adaptive_projected_guidance_momentum=-0.3, eta=0.5, guidance_rescale=0.5,
                                            adaptive_projected_guidance_start_step=3, start=0.1, stop=0.9), 2),
     (dg.AdaptiveProjectedMixGuidance, dict(adaptive_projected_guidance_momentum=None, use_original_formulation=True,
-                                           adaptive_projected_guidance_rescale=0.0, adaptive_projected_guidance_start_step=2), 2),
+                                           adaptive_projected_guidance_rescale=0.0,
+                                           adaptive_projected_guidance_start_step=2), 2),
     (dg.SmoothedEnergyGuidance, dict(guidance_scale=5.0, seg_guidance_scale=2.8, seg_guidance_layers=[0],
                                      seg_guidance_start=0.1, seg_guidance_stop=0.7, stop=0.9), 3),
     (dg.SmoothedEnergyGuidance, dict(guidance_scale=1.0, seg_guidance_scale=3.0, seg_guidance_layers=[0],
                                      guidance_rescale=0.5, use_original_formulation=True), 3),
-    (dg.LTX2Guidance, dict(guidance_scale=3.0, stg_scale=1.0, modality_scale=3.0, spatio_temporal_guidance_blocks=[1]), 4),
+    (dg.LTX2Guidance, dict(guidance_scale=3.0, stg_scale=1.0, modality_scale=3.0,
+                           spatio_temporal_guidance_blocks=[1]), 4),
     (dg.LTX2Guidance, dict(guidance_scale=4.0, stg_scale=0.5, guidance_rescale=0.7, start=0.2), 4),
     (dg.LTX2Guidance, dict(guidance_scale=1.0, modality_scale=2.0, stop=0.5), 4),
     (dg.LTX2Guidance, dict(stg_scale=2.0, modality_scale=1.5, guidance_rescale=0.3), 4),
@@ -82,7 +84,8 @@ def test_steps_equal_diffusers(case, make):
 # --- dtypes, tensor-free edge cases, the registry's combine ---------------------------------------------------
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("cls,kw", [(dg.MagnitudeAwareGuidance, dict(guidance_scale=6.0, alpha=2.0)),
-                                    (dg.TangentialClassifierFreeGuidance, dict(guidance_scale=6.0, guidance_rescale=0.5)),
+                                    (dg.TangentialClassifierFreeGuidance,
+                                     dict(guidance_scale=6.0, guidance_rescale=0.5)),
                                     (dg.LTX2Guidance, dict(guidance_scale=3.0, stg_scale=1.0, modality_scale=2.0))],
                          ids=["mag", "tcfg", "ltx2"])
 def test_dtypes_against_diffusers_in_float64(cls, kw, dtype, tol):
@@ -321,13 +324,15 @@ def _model(kind):
     if kind == "unet":
         from fastguide.bench import tiny_unet
         model = tiny_unet("cpu")
-        x, t, e = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([500.0, 500.0]), torch.randn(2, 5, 32, generator=g)
+        x, e = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 5, 32, generator=g)
+        t = torch.tensor([500.0, 500.0])
         fqn = "down_blocks.0.attentions.0.transformer_blocks"
         call = lambda m, r: m(x[r], t[r], encoder_hidden_states=e[r]).sample  # noqa: E731
         layer = model.down_blocks[0].attentions[0].transformer_blocks[0].attn1
     else:
         model = tiny_sd3()
-        x, e, p = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 5, 32, generator=g), torch.randn(2, 16, generator=g)
+        x, e = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 5, 32, generator=g)
+        p = torch.randn(2, 16, generator=g)
         fqn = "transformer_blocks"
         call = lambda m, r: m(x[r], encoder_hidden_states=e[r], pooled_projections=p[r],  # noqa: E731
                               timestep=torch.tensor([500.0, 500.0])[r]).sample
@@ -390,3 +395,19 @@ def test_seg_twin_blurs_its_seg_batch_where_diffusers_does_not():
             torch.testing.assert_close(outs[2], expect, rtol=1e-5, atol=1e-5)
         assert (blurred - plain).abs().max() > 1e-4
         torch.testing.assert_close(call(model, rows), plain)  # hooks removed
+
+
+def test_gated_seg_processor_runs_the_layers_own_processor_when_closed():
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+    torch.manual_seed(0)
+    attn, x = Attention(query_dim=16, heads=2, dim_head=8).eval(), torch.randn(3, 16, 16)
+    is_open = [True]
+    proc = attention.GatedSEGProcessor(lambda: is_open[0], AttnProcessor2_0(), 2.0, perturbed=1)
+    with torch.no_grad():
+        ref = attention.SEGProcessor(2.0, perturbed=1)(attn, x)
+        torch.testing.assert_close(proc(attn, x), ref)
+        torch.testing.assert_close(ref[:2], AttnProcessor2_0()(attn, x[:2]), rtol=1e-5, atol=1e-6)
+        is_open[0] = False
+        torch.testing.assert_close(proc(attn, x), AttnProcessor2_0()(attn, x))
+    with pytest.raises(ValueError, match="blur_sigma must be a finite float > 0"):
+        attention.SEGProcessor(0.0)
