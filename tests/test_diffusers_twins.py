@@ -238,6 +238,8 @@ def test_autoguidance_layers_where_diffusers_crashes():
 
 
 def test_guiders_with_extra_branches_or_state_refuse_a_policy():
+    assert {"MagnitudeAwareGuidance", "TangentialClassifierFreeGuidance", "AutoGuidance"} <= set(fd.SKIPPING)
+    assert not {"AdaptiveProjectedMixGuidance", "SmoothedEnergyGuidance", "LTX2Guidance"} & set(fd.SKIPPING)
     for cls, kw in [(fd.AdaptiveProjectedMixGuidance, {}), (fd.LTX2Guidance, {}),
                     (fd.SmoothedEnergyGuidance, dict(seg_guidance_layers=[0]))]:
         with pytest.raises(ValueError, match="cannot do"):
