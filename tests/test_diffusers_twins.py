@@ -413,3 +413,27 @@ def test_gated_seg_processor_runs_the_layers_own_processor_when_closed():
         torch.testing.assert_close(proc(attn, x), AttnProcessor2_0()(attn, x))
     with pytest.raises(ValueError, match="blur_sigma must be a finite float > 0"):
         attention.SEGProcessor(0.0)
+
+
+# --- enable on a pipeline that takes a guider (the lab's trained DigitsPipeline) ------------------------------
+@pytest.mark.parametrize("name,settings,theirs", [
+    ("tcfg", dict(scale=3.0, rescale=0.3), lambda: dg.TangentialClassifierFreeGuidance(guidance_scale=3.0,
+                                                                                         guidance_rescale=0.3)),
+    ("apg_mix", dict(scale=3.0, apg_scale=5.0, start_step=2, eta=0.5, norm_threshold=3.0),
+     lambda: dg.AdaptiveProjectedMixGuidance(guidance_scale=3.0, adaptive_projected_guidance_scale=5.0, eta=0.5,
+                                             adaptive_projected_guidance_start_step=2,
+                                             adaptive_projected_guidance_rescale=3.0)),
+], ids=["tcfg", "apg_mix"])
+def test_enable_installs_the_twin_and_equals_diffusers_guider_in_the_lab_pipeline(name, settings, theirs):
+    pytest.importorskip("sklearn", reason="the lab needs scikit-learn")
+    from fastguide import lab
+    pipe = lab.pipeline()
+    run = lambda guider: pipe(class_labels=[1, 4, 7], num_inference_steps=6, guider=guider,  # noqa: E731
+                              generator=torch.Generator().manual_seed(0), output_type="latent").images
+    ref = run(theirs())
+    fastguide.enable(pipe, guidance=name, **settings)
+    try:
+        assert type(pipe.guider) is getattr(fd, fastguide.METHODS[name].twin)
+        torch.testing.assert_close(run(None), ref, rtol=1e-5, atol=1e-5)
+    finally:
+        fastguide.disable(pipe)
