@@ -672,21 +672,14 @@ class TangentialClassifierFreeGuidance(_Skipping, _dg.TangentialClassifierFreeGu
                             original=self.use_original_formulation)
 
 
-def _listed_layers_init(base, attr):
-    """`_policy_init(base)` whose layer configs (`attr`) hold lists of indices. diffusers 0.42 builds
-    `LayerSkipConfig(layer, ...)` / `SmoothedEnergyGuidanceConfig(layer, ...)` per entry of
-    auto_guidance_layers / seg_guidance_layers, an int where the config wants a list: the hooks then fail on
-    len(int) / `i in int` at the first perturbed batch. Same layers, as lists; the saved config is unchanged."""
-    init = _policy_init(base)
-
-    def __init__(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        for config in getattr(self, attr):
-            if isinstance(config.indices, int):
-                config.indices = [config.indices]
-
-    __init__.__signature__, __init__.__doc__ = init.__signature__, init.__doc__
-    return __init__
+def _list_indices(configs):
+    """diffusers 0.42 builds `LayerSkipConfig(layer, ...)` / `SmoothedEnergyGuidanceConfig(layer, ...)` per entry
+    of auto_guidance_layers / seg_guidance_layers: an int where the config wants a list of indices, and the
+    hooks then fail on len(int) / `i in int` at the first perturbed batch. Same layers, as lists (in place, before
+    the hooks go on: also on guiders converted by guider_from); the saved config is unchanged."""
+    for config in configs:
+        if isinstance(config.indices, int):
+            config.indices = [config.indices]
 
 
 class AutoGuidance(_Skipping, _dg.AutoGuidance):
@@ -694,7 +687,11 @@ class AutoGuidance(_Skipping, _dg.AutoGuidance):
     fastguide: the unconditional batch runs with diffusers' layer-skip hooks (the "bad" model) as in diffusers;
     the combine is fastguide.cfg. Adaptive guidance / intervals / LinearAG skip that batch per sample.
     `auto_guidance_layers=[...]` works (diffusers 0.42 crashes on it at the first unconditional batch)."""
-    __init__ = _listed_layers_init(_dg.AutoGuidance, "auto_guidance_config")
+    __init__ = _policy_init(_dg.AutoGuidance)
+
+    def prepare_models(self, denoiser):
+        _list_indices(self.auto_guidance_config)
+        super().prepare_models(denoiser)
 
     def _guide(self, pred_cond, pred_uncond, rows=None):
         if not self._is_ag_enabled():
@@ -784,7 +781,7 @@ class SmoothedEnergyGuidance(_SkipLayerForward, _dg.SmoothedEnergyGuidance):
     (fastguide.attention.seg_blur_) on `to_q` of the configured layers; the combine is fastguide.pag / cfg.
     In `fastguide.enable`'s single batch the same blur runs as `fastguide.attention.SEGProcessor`.
     `seg_guidance_layers=[...]` works (diffusers 0.42 would fail on it once its hooks went on)."""
-    __init__ = _listed_layers_init(_dg.SmoothedEnergyGuidance, "seg_guidance_config")
+    __init__ = _policy_init(_dg.SmoothedEnergyGuidance)
 
     # _SkipLayerForward's combine under SEG's names: base + scale (cond - uncond) + seg_scale (cond - seg)
     _is_slg_enabled = _dg.SmoothedEnergyGuidance._is_seg_enabled
@@ -796,6 +793,7 @@ class SmoothedEnergyGuidance(_SkipLayerForward, _dg.SmoothedEnergyGuidance):
     def prepare_models(self, denoiser):
         self._count_prepared += 1
         if self._is_seg_enabled() and self.is_conditional and self._count_prepared > 1:
+            _list_indices(self.seg_guidance_config)
             for name, config in zip(self._seg_layer_hook_names, self.seg_guidance_config):
                 _apply_seg_hooks(denoiser, config, float(self.seg_blur_sigma), float(self.seg_blur_threshold_inf), name)
 

@@ -234,6 +234,8 @@ def test_autoguidance_layers_where_diffusers_crashes():
     ref, _ = _run(dg.AutoGuidance(guidance_scale=3.0, auto_guidance_config=_skip1()), *_policy_inputs())
     cfg, _ = _run(dg.ClassifierFreeGuidance(guidance_scale=3.0), *_policy_inputs())
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    converted = fd.guider_from(dg.AutoGuidance(guidance_scale=3.0, auto_guidance_layers=[1], dropout=1.0))
+    torch.testing.assert_close(_run(converted, *_policy_inputs())[0], ref, rtol=1e-5, atol=1e-5)
     assert (out - cfg).abs().max() > 1e-3
 
 
@@ -384,8 +386,9 @@ def test_seg_twin_blurs_its_seg_batch_where_diffusers_does_not():
         layer.set_processor(attention.SEGProcessor(2.0, perturbed=2))
         blurred = call(model, slice(0, 2))[rows]
         layer.set_processor(stock)
-        for module, expect in [(fd, blurred), (dg, plain)]:
-            g = module.SmoothedEnergyGuidance(guidance_scale=5.0, seg_guidance_layers=[0], seg_blur_sigma=2.0)
+        make = lambda m: m.SmoothedEnergyGuidance(guidance_scale=5.0, seg_guidance_layers=[0],  # noqa: E731
+                                                   seg_blur_sigma=2.0)
+        for g, expect in [(make(fd), blurred), (fd.guider_from(make(dg)), blurred), (make(dg), plain)]:
             g.set_state(step=1, num_inference_steps=4, timestep=torch.tensor(500.0))
             outs = []
             for _ in range(g.num_conditions):
@@ -437,3 +440,35 @@ def test_enable_installs_the_twin_and_equals_diffusers_guider_in_the_lab_pipelin
         torch.testing.assert_close(run(None), ref, rtol=1e-5, atol=1e-5)
     finally:
         fastguide.disable(pipe)
+
+
+# --- the registry's combines: per-sample tensor scales, strides, torch.compile ----------------------------------
+def _combine(name, preds, scale, **over):
+    m = fastguide.METHODS[name]
+    p = m.check_params({**m.example, **over}, "test")
+    p["scale"] = scale
+    return m.combine(dict(zip(("cond", "uncond", "perturbed"), preds)), p, None, 3)
+
+
+@pytest.mark.parametrize("name", ["mag", "tcfg", "ltx2"])
+def test_combine_takes_per_sample_tensor_scales_and_strided_inputs(name):
+    """A [B] scale tensor equals each sample run with its own float; non-contiguous inputs equal contiguous."""
+    preds = [p.float().transpose(1, 2) for p in _preds(3, shape=(3, 12, 20))]  # [3, 20, 12] views
+    scale = torch.tensor([2.0, 5.5, 9.0])
+    out = _combine(name, preds, scale, rescale=0.4)
+    for i in range(3):
+        one = _combine(name, [p[i:i + 1].contiguous() for p in preds], float(scale[i]), rescale=0.4)
+        torch.testing.assert_close(out[i:i + 1], one, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mag", "tcfg", "ltx2"])
+def test_combine_compiles_fullgraph_without_recompiles(name):
+    import torch._dynamo.testing
+    counter = torch._dynamo.testing.CompileCounter()
+    fn = torch.compile(lambda s, *xs: _combine(name, list(xs), s), backend=counter, fullgraph=True)
+    preds = [p.float() for p in _preds(3)]
+    scale = torch.empty(2)
+    for step in range(4):
+        scale.copy_(torch.tensor([2.0 + step, 6.0 - step]))
+        torch.testing.assert_close(fn(scale, *preds), _combine(name, preds, scale.clone()), rtol=1e-5, atol=1e-5)
+    assert counter.frame_count == 1
