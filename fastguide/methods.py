@@ -192,8 +192,10 @@ def _isclose(scale, value):
 def mag(cond, uncond, scale, alpha, *, rescale=0.0, original=False):
     """Magnitude-aware guidance (MAMBO-G; diffusers `mambo_guidance` + rescale): CFG with the per-sample scale
     1 + (scale - 1) exp(-alpha |c - u| / |u|) (scale exp(...) when `original`). One guidance_stats pass gives
-    the norms (|c - u|^2 = |c|^2 - 2<c,u> + |u|^2 from the fp32 sums: the scale's error is multiplied by c - u
-    itself, so the prediction stays within fp32 rounding of diffusers'), then one cfg pass with the [B] scale."""
+    the norms, then one cfg pass with the [B] scale. |c - u|^2 = |c|^2 - 2<c,u> + |u|^2 from fp32 sums cancels
+    when c ~ u; the scale's error is then multiplied by the small c - u: measured on [2, 4096, 64], scale 10,
+    alpha 8, the prediction is within 1e-5 of the float64 result (relative to its max) down to |c - u| = 0.01 |c|
+    (diffusers' fp32: 6e-7; it forms c - u, one more pass). Float64 inputs: float64 norms."""
     cc, cu, uu = _gram(cond, uncond)
     ratio = (cc - 2 * cu + uu).clamp_min(0).sqrt() / uu.sqrt()  # |u| = 0: inf or nan, as in diffusers
     if isinstance(scale, torch.Tensor):
