@@ -810,12 +810,16 @@ class LTX2Guidance(_PolicyArgs, _dg.LTX2Guidance):
 
     def forward(self, pred_cond, pred_uncond=None, pred_cond_stg=None, pred_cond_modality=None):
         terms = []
-        if self.is_cfg_enabled():
-            terms.append((float(self.guidance_scale) - 1.0, pred_uncond))
-        if self.is_stg_enabled():
-            terms.append((float(self.stg_scale), pred_cond_stg))
-        if self.is_modality_enabled():
-            terms.append((float(self.modality_scale) - 1.0, pred_cond_modality))
+        for on, weight, pred, name in ((self.is_cfg_enabled(), float(self.guidance_scale) - 1.0, pred_uncond,
+                                        "pred_uncond"),
+                                       (self.is_stg_enabled(), float(self.stg_scale), pred_cond_stg, "pred_cond_stg"),
+                                       (self.is_modality_enabled(), float(self.modality_scale) - 1.0,
+                                        pred_cond_modality, "pred_cond_modality")):
+            if on and pred is None:
+                raise ValueError(f"fastguide.diffusers.LTX2Guidance: this step's active predictions are "
+                                 f"{self.active_predictions()}; {name} is missing")
+            if on:
+                terms.append((weight, pred))
         pred = methods.ltx2(pred_cond, terms, rescale=float(self.guidance_rescale))
         return GuiderOutput(pred=pred, pred_cond=pred_cond, pred_uncond=pred_uncond)
 

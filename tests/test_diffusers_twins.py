@@ -128,6 +128,14 @@ def test_apg_mix_entry_equals_the_twin_over_a_trajectory():
         torch.testing.assert_close(m.combine({"cond": c, "uncond": u}, p, state, step), twin.forward(c, u).pred)
 
 
+def test_ltx2_twin_names_a_missing_prediction():
+    g = fd.LTX2Guidance(guidance_scale=3.0, stg_scale=1.0)
+    g.set_state(step=0, num_inference_steps=4, timestep=torch.tensor(999))
+    c = torch.randn(SHAPE)
+    with pytest.raises(ValueError, match=r"\['pred_cond', 'pred_uncond', 'pred_cond_stg'\]; pred_cond_stg is missing"):
+        g.forward(c, c)
+
+
 def test_ltx2_entry_rejects_original():
     m = fastguide.METHODS["ltx2"]
     p = m.check_params({"scale": 3.0, "original": True}, "test")
