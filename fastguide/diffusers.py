@@ -557,6 +557,23 @@ def _synced_buffer(guider, pred_cond):
     return guider._fastguide_buffer
 
 
+def _rows_buffer(guider, rows, run):
+    """run(sub_buffer) on the momentum rows `rows` only (AG switched the other samples off), written back: each
+    sample's running average advances on the steps its guidance is computed, the others' rows stay as they
+    are (they are not used again in this trajectory). The first guided step of a trajectory is always full
+    (AG decides after guided steps only), so the buffer exists here, bound to this trajectory."""
+    buf = getattr(guider, "_fastguide_buffer", None)
+    if buf is None or buf.running_average is None or guider._fastguide_owner is not guider.momentum_buffer:
+        raise RuntimeError(f"fastguide {type(guider).__name__}: a partial step before the trajectory's first full "
+                           f"guided step (the momentum buffer is not set up)")
+    ra = buf.running_average
+    sub = ops.MomentumBuffer(buf.momentum)
+    sub.running_average = ra.index_select(0, rows.to(ra.device))
+    pred = run(sub)
+    ra.index_copy_(0, rows.to(ra.device), sub.running_average)
+    return pred
+
+
 class AdaptiveProjectedGuidance(_Skipping, _dg.AdaptiveProjectedGuidance):
     __doc__ = "fastguide-backed " + (_dg.AdaptiveProjectedGuidance.__doc__ or "") + """
     fastguide: space="x0" (with scheduler=pipe.scheduler) runs the projection, the norm clamp and the momentum
@@ -604,19 +621,11 @@ class AdaptiveProjectedGuidance(_Skipping, _dg.AdaptiveProjectedGuidance):
         average advances on the steps its guidance is computed, the others' rows stay as they are (they are
         not used again in this trajectory). The first guided step of a trajectory is always full (AG decides
         after guided steps only), so the buffer exists here, bound to this trajectory."""
-        buf = getattr(self, "_fastguide_buffer", None)
-        if buf is None or buf.running_average is None or self._fastguide_owner is not self.momentum_buffer:
-            raise RuntimeError("fastguide AdaptiveProjectedGuidance: a partial step before the trajectory's first "
-                               "full guided step (the momentum buffer is not set up)")
-        ra = buf.running_average
-        sub = ops.MomentumBuffer(buf.momentum)
-        sub.running_average = ra.index_select(0, rows.to(ra.device))
-        pred = ops.apg(pred_cond, pred_uncond, float(self.guidance_scale), eta=float(self.eta),
-                       norm_threshold=max(float(self.adaptive_projected_guidance_rescale), 0.0), momentum_buffer=sub,
-                       norm_dim=self.adaptive_projected_guidance_norm_dim, rescale=float(self.guidance_rescale),
-                       original=self.use_original_formulation)
-        ra.index_copy_(0, rows.to(ra.device), sub.running_average)
-        return pred
+        return _rows_buffer(self, rows, lambda sub: ops.apg(
+            pred_cond, pred_uncond, float(self.guidance_scale), eta=float(self.eta),
+            norm_threshold=max(float(self.adaptive_projected_guidance_rescale), 0.0), momentum_buffer=sub,
+            norm_dim=self.adaptive_projected_guidance_norm_dim, rescale=float(self.guidance_rescale),
+            original=self.use_original_formulation))
 
 
 class FrequencyDecoupledGuidance(_Skipping, _dg.FrequencyDecoupledGuidance):
@@ -700,28 +709,31 @@ class AutoGuidance(_Skipping, _dg.AutoGuidance):
                        original=self.use_original_formulation)
 
 
-class AdaptiveProjectedMixGuidance(_PolicyArgs, _dg.AdaptiveProjectedMixGuidance):
-    __doc__ = "fastguide-backed " + (_dg.AdaptiveProjectedMixGuidance.__doc__ or "")
+class AdaptiveProjectedMixGuidance(_Skipping, _dg.AdaptiveProjectedMixGuidance):
+    __doc__ = "fastguide-backed " + (_dg.AdaptiveProjectedMixGuidance.__doc__ or "") + """
+    fastguide: adaptive= / interval= / linear_ag= skip the unconditional pass per sample, the momentum kept per
+    sample (a sample's running average advances on the steps it is guided, CFG steps included)."""
     __init__ = _policy_init(_dg.AdaptiveProjectedMixGuidance)
 
-    def _cannot_skip(self):
-        return "its momentum follows cond - uncond on every step, the CFG steps included"
-
-    def forward(self, pred_cond, pred_uncond=None):
+    def _guide(self, pred_cond, pred_uncond, rows=None):
         if not self._is_cfg_enabled():
-            pred = pred_cond  # no momentum update there, as in diffusers
-        else:
-            theirs = self.momentum_buffer
-            buf = _synced_buffer(self, pred_cond)
-            pred = methods.apg_mix(pred_cond, pred_uncond, float(self.guidance_scale),
+            return pred_cond  # no momentum update there, as in diffusers
+
+        def run(buf):
+            return methods.apg_mix(pred_cond, pred_uncond, float(self.guidance_scale),
                                    float(self.adaptive_projected_guidance_scale), self._is_apg_enabled(),
-                                   eta=float(self.eta),
-                                   norm_threshold=float(self.adaptive_projected_guidance_rescale),
+                                   eta=float(self.eta), norm_threshold=float(self.adaptive_projected_guidance_rescale),
                                    momentum_buffer=buf, rescale=float(self.guidance_rescale),
                                    original=self.use_original_formulation)
-            if buf is not None:
-                theirs.running_average = buf.running_average
-        return GuiderOutput(pred=pred, pred_cond=pred_cond, pred_uncond=pred_uncond)
+
+        theirs = self.momentum_buffer
+        if theirs is not None and rows is not None:
+            return _rows_buffer(self, rows, run)
+        buf = _synced_buffer(self, pred_cond)
+        pred = run(buf)
+        if buf is not None:
+            theirs.running_average = buf.running_average  # diffusers' attribute shows our state
+        return pred
 
 
 def _apply_seg_hooks(denoiser, config, blur_sigma, blur_threshold_inf, name):

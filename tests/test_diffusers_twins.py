@@ -247,11 +247,31 @@ def test_autoguidance_layers_where_diffusers_crashes():
     assert (out - cfg).abs().max() > 1e-3
 
 
-def test_guiders_with_extra_branches_or_state_refuse_a_policy():
-    assert {"MagnitudeAwareGuidance", "TangentialClassifierFreeGuidance", "AutoGuidance"} <= set(fd.SKIPPING)
-    assert not {"AdaptiveProjectedMixGuidance", "SmoothedEnergyGuidance", "LTX2Guidance"} & set(fd.SKIPPING)
-    for cls, kw in [(fd.AdaptiveProjectedMixGuidance, {}), (fd.LTX2Guidance, {}),
-                    (fd.SmoothedEnergyGuidance, dict(seg_guidance_layers=[0]))]:
+APMIX = dict(guidance_scale=4.0, adaptive_projected_guidance_scale=6.0, adaptive_projected_guidance_start_step=1,
+             adaptive_projected_guidance_rescale=4.0, eta=0.5)
+
+
+def test_apg_mix_never_switching_equals_diffusers():
+    from test_guiders_skipping import AG, protocol_run, _inputs
+    ref, ref_calls = protocol_run(dg.AdaptiveProjectedMixGuidance(**APMIX), *_inputs())
+    ours = fd.AdaptiveProjectedMixGuidance(**APMIX, adaptive=AG(1.5))
+    out, calls = protocol_run(ours, *_inputs())
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert calls == ref_calls and ours.report.nfe_skipped == 0
+
+
+def test_apg_mix_samples_switching_at_different_steps_equal_their_solo_runs():
+    """AG switching samples at different steps: each sample's trajectory (its momentum advancing on its own
+    guided steps, across the CFG and the APG phase) equals the sample run alone."""
+    from test_guiders_skipping import test_samples_switching_at_different_steps_equal_their_solo_runs as switching
+    switching(fd.AdaptiveProjectedMixGuidance, APMIX)
+
+
+def test_guiders_with_extra_branches_refuse_a_policy():
+    assert {"MagnitudeAwareGuidance", "TangentialClassifierFreeGuidance", "AutoGuidance",
+            "AdaptiveProjectedMixGuidance"} <= set(fd.SKIPPING)
+    assert not {"SmoothedEnergyGuidance", "LTX2Guidance"} & set(fd.SKIPPING)
+    for cls, kw in [(fd.LTX2Guidance, {}), (fd.SmoothedEnergyGuidance, dict(seg_guidance_layers=[0]))]:
         with pytest.raises(ValueError, match="cannot do"):
             cls(**kw, adaptive=fastguide.AG(0.9, "prediction"))
 
