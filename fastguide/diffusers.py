@@ -3,14 +3,15 @@
 Each class subclasses diffusers' own guider: same constructor, same config (so `save_pretrained` /
 `from_pretrained` round-trip), same step logic (start/stop windows, zero-init steps, momentum reset at
 step 0, enabled flags) inherited unchanged. The math goes through `fastguide.cfg / pag / cfg_zero_star /
-apg / fdg`.
+apg / fdg / guidance_stats` (MAG, TCFG, APMix and LTX-2's combines: `fastguide.methods.mag / tcfg / apg_mix /
+ltx2`). Every guider of diffusers 0.42 has its twin here (`GUIDERS`).
 
     from fastguide.diffusers import ClassifierFreeGuidance     # instead of diffusers.guiders
     guider = fastguide.diffusers.guider_from(pipe.guider)      # convert an existing one
 
 Skipping the unconditional pass (the names `fastguide.enable` uses), on the guiders that combine exactly
-cond / uncond (CFG, CFG-Zero*, FDG, APG -- its momentum kept per sample; `SKIPPING` lists them; PAG / SLG
-raise at construction):
+cond / uncond (CFG, CFG-Zero*, FDG, MAG, TCFG, AutoGuidance, APG and APMix -- their momentum kept per
+sample; `SKIPPING` lists them; PAG / SLG / SEG / LTX-2 raise at construction):
 
     guider = ClassifierFreeGuidance(guidance_scale=5.0, adaptive=fastguide.AG(0.991))
     guider = ClassifierFreeGuidance(guidance_scale=5.0, interval=(0.28, 5.42), scheduler=pipe.scheduler)
@@ -40,7 +41,12 @@ only when it was loaded from a directory, as diffusers does for its own guiders)
 Differences from diffusers, all documented in tests/test_diffusers_guiders.py: guidance rescale of a
 prediction with zero std returns it unrescaled instead of NaN (diffusers issue #13425) -- this includes
 CFG-Zero*'s zero-init steps with rescale > 0, where diffusers returns NaN and fastguide zeros; APG's
-projection runs in fp32 (diffusers: float64), within fp32 rounding.
+projection runs in fp32 (diffusers: float64), within fp32 rounding. In tests/test_diffusers_twins.py: MAG
+runs on [B, C, H, W] (diffusers' torch.norm over 3 dims raises); TCFG's `is_conditional` works (diffusers reads
+an attribute nothing sets) and its projection comes from the 2 x 2 Gram matrix (more accurate than diffusers'
+fp32 SVD on large inputs); AutoGuidance / SEG take `*_layers=[...]` (diffusers builds configs with int
+indices that its hooks cannot read); SEG's blurred batch is really blurred, with the official blur
+(diffusers never installs its hooks, and its blur swaps the finite / infinite branches).
 """
 import contextlib
 import inspect
