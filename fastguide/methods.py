@@ -248,10 +248,10 @@ def apg_mix(cond, uncond, scale, apg_scale, apg_on, *, eta=0.0, norm_threshold=1
     if apg_on:
         return ops.apg(cond, uncond, apg_scale, eta=eta, norm_threshold=max(float(norm_threshold), 0.0),
                        momentum_buffer=momentum_buffer, rescale=rescale, original=original)
+    pred = ops.cfg(cond, uncond, scale, rescale=rescale, original=original)  # validates before the state moves
     if momentum_buffer is not None:
-        ops._check_pair("apg_mix", cond, uncond, "uncond")
         momentum_update(momentum_buffer, cond, uncond)
-    return ops.cfg(cond, uncond, scale, rescale=rescale, original=original)
+    return pred
 
 
 def ltx2(cond, terms, *, rescale=0.0):

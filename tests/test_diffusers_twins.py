@@ -128,6 +128,24 @@ def test_apg_mix_entry_equals_the_twin_over_a_trajectory():
         torch.testing.assert_close(m.combine({"cond": c, "uncond": u}, p, state, step), twin.forward(c, u).pred)
 
 
+def test_apg_mix_failed_step_leaves_the_momentum_as_it_was():
+    m = fastguide.METHODS["apg_mix"]
+    p = m.check_params({"scale": 4.0, "start_step": 5}, "test")
+    buf = m.new_state(p)
+    c, u = [x.float() for x in _preds(2)]
+    m.combine({"cond": c, "uncond": u}, p, buf, 0)
+    before = buf.running_average.clone()
+    for bad in ({"cond": c, "uncond": u[:1]}, {"cond": c, "uncond": u.double()}):
+        with pytest.raises((ValueError, TypeError), match="uncond"):
+            m.combine(bad, p, buf, 1)
+    with pytest.raises(ValueError, match="scale"):
+        m.combine({"cond": c, "uncond": u}, {**p, "scale": float("nan")}, buf, 1)
+    assert torch.equal(buf.running_average, before)
+    with pytest.raises(ValueError, match="momentum_buffer must match cond"):  # another trajectory's shape
+        m.combine({"cond": c[:1], "uncond": u[:1]}, p, buf, 1)
+    assert torch.equal(buf.running_average, before)
+
+
 def test_ltx2_twin_names_a_missing_prediction():
     g = fd.LTX2Guidance(guidance_scale=3.0, stg_scale=1.0)
     g.set_state(step=0, num_inference_steps=4, timestep=torch.tensor(999))
