@@ -64,7 +64,8 @@ from .attention import seg_blur_
 from .pipelines import AG, LinearAG
 from .skip import NoiseSchedule, SkipPolicy, check_policy
 
-__all__ = ["AdaptiveProjectedGuidance", "AdaptiveProjectedMixGuidance", "AutoGuidance", "BaseGuidance", "ClassifierFreeGuidance", "ClassifierGuidance", "ClassifierFreeZeroStarGuidance",
+__all__ = ["AdaptiveProjectedGuidance", "AdaptiveProjectedMixGuidance", "AutoGuidance", "BaseGuidance",
+           "ClassifierFreeGuidance", "ClassifierGuidance", "ClassifierFreeZeroStarGuidance",
            "FrequencyDecoupledGuidance", "LTX2Guidance", "MagnitudeAwareGuidance", "PerturbedAttentionGuidance",
            "SkipLayerGuidance", "SmoothedEnergyGuidance", "TangentialClassifierFreeGuidance", "guider_from",
            "recording", "GUIDERS", "SKIPPING"]
