@@ -58,6 +58,9 @@ from diffusers import guiders as _dg
 # LOADABLE_CLASSES (BaseGuidance among them) up in that module. Without this name, from_pretrained of a
 # pipeline holding a fastguide guider fails with "does not seem to have any of the loading methods".
 from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput
+from diffusers.hooks import HookRegistry
+from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS, _ATTENTION_CLASSES, _get_submodule_from_fqn
+from diffusers.hooks.smoothed_energy_guidance_utils import SmoothedEnergyGuidanceHook
 
 from . import frequency, methods, ops
 from .attention import seg_blur_
@@ -746,8 +749,6 @@ class AdaptiveProjectedMixGuidance(_Skipping, _dg.AdaptiveProjectedMixGuidance):
 def _apply_seg_hooks(denoiser, config, blur_sigma, blur_threshold_inf, name):
     """diffusers' `_apply_smoothed_energy_guidance_hook` (same layer selection: the non-cross attention modules of
     the blocks `config.indices` of the stack `config.fqn`, their `to_q`), with fastguide's blur hook."""
-    from diffusers.hooks import HookRegistry
-    from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS, _ATTENTION_CLASSES, _get_submodule_from_fqn
     where = "fastguide.diffusers.SmoothedEnergyGuidance"
     if config.fqn == "auto":
         found = [i for i in _ALL_TRANSFORMER_BLOCK_IDENTIFIERS if hasattr(denoiser, i)]
@@ -775,20 +776,12 @@ def _apply_seg_hooks(denoiser, config, blur_sigma, blur_threshold_inf, name):
                          f"{type(denoiser).__name__}")
 
 
-def _seg_query_hook_class():
-    from diffusers.hooks.smoothed_energy_guidance_utils import SmoothedEnergyGuidanceHook
+class _SEGQueryHook(SmoothedEnergyGuidanceHook):
+    """diffusers' SEG hook on `to_q` with the official blur (fastguide.attention.seg_blur_) and the guider's own
+    `seg_blur_threshold_inf` (diffusers' hook keeps its default 9999.9)."""
 
-    class _SEGQueryHook(SmoothedEnergyGuidanceHook):
-        """diffusers' SEG hook on `to_q` with the official blur (fastguide.attention.seg_blur_) and the guider's
-        own `seg_blur_threshold_inf` (diffusers' hook keeps its default 9999.9)."""
-
-        def post_forward(self, module, output):
-            return seg_blur_(output, self.blur_sigma, self.blur_threshold_inf)
-
-    return _SEGQueryHook
-
-
-_SEGQueryHook = _seg_query_hook_class()
+    def post_forward(self, module, output):
+        return seg_blur_(output, self.blur_sigma, self.blur_threshold_inf)
 
 
 class SmoothedEnergyGuidance(_SkipLayerForward, _dg.SmoothedEnergyGuidance):
@@ -814,7 +807,8 @@ class SmoothedEnergyGuidance(_SkipLayerForward, _dg.SmoothedEnergyGuidance):
         if self._is_seg_enabled() and self.is_conditional and self._count_prepared > 1:
             _list_indices(self.seg_guidance_config)
             for name, config in zip(self._seg_layer_hook_names, self.seg_guidance_config):
-                _apply_seg_hooks(denoiser, config, float(self.seg_blur_sigma), float(self.seg_blur_threshold_inf), name)
+                _apply_seg_hooks(denoiser, config, float(self.seg_blur_sigma), float(self.seg_blur_threshold_inf),
+                                 name)
 
     def forward(self, pred_cond, pred_uncond=None, pred_cond_seg=None):
         return super().forward(pred_cond, pred_uncond, pred_cond_seg)
