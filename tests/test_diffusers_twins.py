@@ -448,14 +448,19 @@ def test_seg_twin_blurs_its_seg_batch_where_diffusers_does_not():
         torch.testing.assert_close(call(model, rows), plain)  # hooks removed
 
 
-def test_gated_seg_processor_runs_the_layers_own_processor_when_closed():
+def test_gated_seg_processor_runs_the_layers_own_processor_when_closed(monkeypatch):
+    """One SDPA over the whole batch (no chunk / cat of the rows); closed: the layer's own processor."""
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0
     torch.manual_seed(0)
     attn, x = Attention(query_dim=16, heads=2, dim_head=8).eval(), torch.randn(3, 16, 16)
     is_open = [True]
     proc = attention.GatedSEGProcessor(lambda: is_open[0], AttnProcessor2_0(), 2.0, perturbed=1)
+    batches, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, *a, **k: (batches.append(q.shape[0]), sdpa(q, *a, **k))[1])
     with torch.no_grad():
         ref = attention.SEGProcessor(2.0, perturbed=1)(attn, x)
+        assert batches == [3]
         torch.testing.assert_close(proc(attn, x), ref)
         torch.testing.assert_close(ref[:2], AttnProcessor2_0()(attn, x[:2]), rtol=1e-5, atol=1e-6)
         is_open[0] = False
