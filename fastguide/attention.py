@@ -17,6 +17,7 @@ which is diffusers' guider path (`LayerSkipConfig(skip_attention_scores=True)`).
     fastguide.attention.apply_pag(pipe.transformer, [3, 7])               # indices of self-attention layers
     fastguide.attention.remove_pag(pipe.unet)
 """
+import math
 import re
 
 import torch
@@ -121,6 +122,118 @@ class IdentityPAGProcessor:
         return hidden_states, ctx_value
 
 
+def seg_blur_(query, blur_sigma, blur_threshold_inf=9999.0):
+    """Smoothed Energy Guidance's query blur, in place on `query` [B, N, C] (the output of `to_q`; the first
+    isqrt(N)^2 tokens are a square image, the rest is left alone): a Gaussian blur of width `blur_sigma` over
+    the image grid, per channel (depthwise conv, reflect padding, kernel ceil(6 sigma) rounded to odd, at most
+    the grid size), or, for `blur_sigma > blur_threshold_inf` ("infinite" blur), every token replaced by the
+    channel's mean. That is the official SEG code (SusungHong/SEG-SDXL pipeline_seg.py, blur of the
+    per-head query laid out as [B, heads * head_dim, H, W], the same channels). diffusers 0.42's
+    `_gaussian_blur_2d` swaps the two branches (tests/test_diffusers_twins.py documents it)."""
+    if not blur_sigma > 0:
+        raise ValueError(f"fastguide SEG: blur_sigma must be > 0, got {blur_sigma!r}")
+    b, seq, ch = query.shape
+    side = math.isqrt(seq)
+    grid = query[:, :side * side]
+    if seq == 0 or b == 0:
+        return query
+    if blur_sigma > blur_threshold_inf:
+        grid.copy_(grid.mean(dim=1, keepdim=True).expand_as(grid))
+        return query
+    k = math.ceil(6 * blur_sigma) + 1 - math.ceil(6 * blur_sigma) % 2
+    k = min(k, side - (side % 2 - 1))
+    half = (k - 1) / 2
+    pdf = torch.exp(-0.5 * (torch.linspace(-half, half, steps=k) / blur_sigma).pow(2))
+    k1 = (pdf / pdf.sum()).to(query)
+    kernel = torch.matmul(k1[:, None], k1[None, :]).expand(ch, 1, k, k)
+    img = grid.permute(0, 2, 1).reshape(b, ch, side, side)
+    img = F.conv2d(F.pad(img, [k // 2] * 4, mode="reflect"), kernel, groups=ch)
+    grid.copy_(img.reshape(b, ch, side * side).permute(0, 2, 1))
+    return query
+
+
+class SEGProcessor(IdentityPAGProcessor):
+    """Attention processor for Smoothed Energy Guidance (Hong, NeurIPS 2024): the last `perturbed` rows of the
+    batch attend with blurred queries (`seg_blur_` of their `to_q` output, image tokens only on joint SD3-style
+    layers), the other rows with plain attention. One Q/K/V projection and one SDPA for the whole batch; the
+    blur is written into the perturbed rows of the query in place: no chunk / cat of the batch (diffusers'
+    guider runs a separate batch with hooks on `to_q`; the official pipeline chunks and concatenates).
+    `perturbed=None`: batch // chunks rows, like IdentityPAGProcessor."""
+
+    def __init__(self, blur_sigma=9999999.0, blur_threshold_inf=9999.0, perturbed=None, chunks=3):
+        if not isinstance(blur_sigma, (int, float)) or not blur_sigma > 0 or not math.isfinite(blur_sigma):
+            raise ValueError(f"fastguide.attention.SEGProcessor: blur_sigma must be a finite float > 0, "
+                             f"got {blur_sigma!r}")
+        super().__init__(perturbed, chunks)
+        self.blur_sigma, self.blur_threshold_inf = float(blur_sigma), float(blur_threshold_inf)
+
+    def _query(self, attn, x):
+        query = attn.to_q(x)
+        n = self._rows(query.shape[0])
+        if n < query.shape[0]:
+            seg_blur_(query[n:], self.blur_sigma, self.blur_threshold_inf)  # rows of a contiguous tensor: a view
+        return query
+
+    def _self(self, attn, hidden_states, attention_mask, temb):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            b, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(b, channel, height * width).transpose(1, 2)
+        batch, seq, _ = hidden_states.shape
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, seq, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = self._heads(self._query(attn, hidden_states), batch, attn)
+        key = self._heads(attn.to_k(hidden_states), batch, attn)
+        value = self._heads(attn.to_v(hidden_states), batch, attn)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
+                                             is_causal=False)
+        out = out.transpose(1, 2).reshape(batch, seq, -1).to(query.dtype)
+        hidden_states = attn.to_out[1](attn.to_out[0](out))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(b, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+    def _joint(self, attn, hidden_states, encoder_hidden_states):
+        batch, n_img = hidden_states.shape[0], hidden_states.shape[1]
+        query = self._heads(self._query(attn, hidden_states), batch, attn)
+        key = self._heads(attn.to_k(hidden_states), batch, attn)
+        value = self._heads(attn.to_v(hidden_states), batch, attn)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        e = encoder_hidden_states
+        if e is not None:
+            cq, ck = self._heads(attn.add_q_proj(e), batch, attn), self._heads(attn.add_k_proj(e), batch, attn)
+            if attn.norm_added_q is not None:
+                cq = attn.norm_added_q(cq)
+            if attn.norm_added_k is not None:
+                ck = attn.norm_added_k(ck)
+            query, key = torch.cat([query, cq], dim=2), torch.cat([key, ck], dim=2)
+            value = torch.cat([value, self._heads(attn.add_v_proj(e), batch, attn)], dim=2)
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).reshape(batch, out.shape[2], -1).to(query.dtype)
+        hidden_states = attn.to_out[1](attn.to_out[0](out[:, :n_img]))
+        if e is None:
+            return hidden_states
+        ctx = out[:, n_img:]
+        if not attn.context_pre_only:
+            ctx = attn.to_add_out(ctx)
+        return hidden_states, ctx
+
+
 def self_attention_layers(model):
     """[(name, Attention)] of the self-attention modules of a diffusers model, in module order."""
     from diffusers.models.attention_processor import Attention
@@ -173,14 +286,9 @@ def apply_pag(model, layers, processor=None):
     return processor
 
 
-class GatedPAGProcessor(IdentityPAGProcessor):
-    """Identity-attention PAG on one layer only while `gate()` is true; the layer's own processor
-    (`fallback`) otherwise. `fastguide.enable` puts these on a denoiser that several pipelines may share,
-    so the perturbed rows exist only in the calls of the pipeline that asked for PAG on this layer."""
-
-    def __init__(self, gate, fallback, perturbed=None, chunks=3):
-        super().__init__(perturbed, chunks)
-        self.gate, self.fallback = gate, fallback
+class _Gated:
+    """The processor's perturbation while `self.gate()` is true, the layer's own processor (`self.fallback`)
+    otherwise."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         if self.gate():
@@ -189,6 +297,24 @@ class GatedPAGProcessor(IdentityPAGProcessor):
             kwargs["temb"] = temb
         return self.fallback(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
                              attention_mask=attention_mask, **kwargs)
+
+
+class GatedPAGProcessor(_Gated, IdentityPAGProcessor):
+    """Identity-attention PAG on one layer only while `gate()` is true; the layer's own processor
+    (`fallback`) otherwise. `fastguide.enable` puts these on a denoiser that several pipelines may share,
+    so the perturbed rows exist only in the calls of the pipeline that asked for PAG on this layer."""
+
+    def __init__(self, gate, fallback, perturbed=None, chunks=3):
+        super().__init__(perturbed, chunks)
+        self.gate, self.fallback = gate, fallback
+
+
+class GatedSEGProcessor(_Gated, SEGProcessor):
+    """SEGProcessor while `gate()` is true, `fallback` otherwise (GatedPAGProcessor's role, for SEG)."""
+
+    def __init__(self, gate, fallback, blur_sigma=9999999.0, blur_threshold_inf=9999.0, perturbed=None, chunks=3):
+        super().__init__(blur_sigma, blur_threshold_inf, perturbed, chunks)
+        self.gate, self.fallback = gate, fallback
 
 
 def remove_pag(model):

@@ -3,14 +3,15 @@
 Each class subclasses diffusers' own guider: same constructor, same config (so `save_pretrained` /
 `from_pretrained` round-trip), same step logic (start/stop windows, zero-init steps, momentum reset at
 step 0, enabled flags) inherited unchanged. The math goes through `fastguide.cfg / pag / cfg_zero_star /
-apg / fdg`.
+apg / fdg / guidance_stats` (MAG, TCFG, APMix and LTX-2's combines: `fastguide.methods.mag / tcfg / apg_mix /
+ltx2`). Every guider of diffusers 0.42 has its twin here (`GUIDERS`).
 
     from fastguide.diffusers import ClassifierFreeGuidance     # instead of diffusers.guiders
     guider = fastguide.diffusers.guider_from(pipe.guider)      # convert an existing one
 
 Skipping the unconditional pass (the names `fastguide.enable` uses), on the guiders that combine exactly
-cond / uncond (CFG, CFG-Zero*, FDG, APG -- its momentum kept per sample; `SKIPPING` lists them; PAG / SLG
-raise at construction):
+cond / uncond (CFG, CFG-Zero*, FDG, MAG, TCFG, AutoGuidance, APG and APMix -- their momentum kept per
+sample; `SKIPPING` lists them; PAG / SLG / SEG / LTX-2 raise at construction):
 
     guider = ClassifierFreeGuidance(guidance_scale=5.0, adaptive=fastguide.AG(0.991))
     guider = ClassifierFreeGuidance(guidance_scale=5.0, interval=(0.28, 5.42), scheduler=pipe.scheduler)
@@ -40,7 +41,12 @@ only when it was loaded from a directory, as diffusers does for its own guiders)
 Differences from diffusers, all documented in tests/test_diffusers_guiders.py: guidance rescale of a
 prediction with zero std returns it unrescaled instead of NaN (diffusers issue #13425) -- this includes
 CFG-Zero*'s zero-init steps with rescale > 0, where diffusers returns NaN and fastguide zeros; APG's
-projection runs in fp32 (diffusers: float64), within fp32 rounding.
+projection runs in fp32 (diffusers: float64), within fp32 rounding. In tests/test_diffusers_twins.py: MAG
+runs on [B, C, H, W] (diffusers' torch.norm over 3 dims raises); TCFG's `is_conditional` works (diffusers reads
+an attribute nothing sets) and its projection comes from the 2 x 2 Gram matrix (more accurate than diffusers'
+fp32 SVD on large inputs); AutoGuidance / SEG take `*_layers=[...]` (diffusers builds configs with int
+indices that its hooks cannot read); SEG's blurred batch is really blurred, with the official blur
+(diffusers never installs its hooks, and its blur swaps the finite / infinite branches).
 """
 import contextlib
 import inspect
@@ -52,13 +58,19 @@ from diffusers import guiders as _dg
 # LOADABLE_CLASSES (BaseGuidance among them) up in that module. Without this name, from_pretrained of a
 # pipeline holding a fastguide guider fails with "does not seem to have any of the loading methods".
 from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput
+from diffusers.hooks import HookRegistry
+from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS, _ATTENTION_CLASSES, _get_submodule_from_fqn
+from diffusers.hooks.smoothed_energy_guidance_utils import SmoothedEnergyGuidanceHook
 
-from . import frequency, ops
+from . import frequency, methods, ops
+from .attention import seg_blur_
 from .pipelines import AG, LinearAG
 from .skip import NoiseSchedule, SkipPolicy, check_policy
 
-__all__ = ["AdaptiveProjectedGuidance", "BaseGuidance", "ClassifierFreeGuidance", "ClassifierGuidance", "ClassifierFreeZeroStarGuidance",
-           "FrequencyDecoupledGuidance", "PerturbedAttentionGuidance", "SkipLayerGuidance", "guider_from",
+__all__ = ["AdaptiveProjectedGuidance", "AdaptiveProjectedMixGuidance", "AutoGuidance", "BaseGuidance",
+           "ClassifierFreeGuidance", "ClassifierGuidance", "ClassifierFreeZeroStarGuidance",
+           "FrequencyDecoupledGuidance", "LTX2Guidance", "MagnitudeAwareGuidance", "PerturbedAttentionGuidance",
+           "SkipLayerGuidance", "SmoothedEnergyGuidance", "TangentialClassifierFreeGuidance", "guider_from",
            "recording", "GUIDERS", "SKIPPING"]
 
 POLICY_ARGS = ("adaptive", "interval", "linear_ag", "scheduler")
@@ -523,6 +535,55 @@ _apg_space_init.__signature__ = _sig.replace(parameters=[
 _apg_space_init.__doc__ = _apg_init.__doc__
 
 
+def _synced_buffer(guider, pred_cond):
+    """fastguide's MomentumBuffer following the diffusers guider's own (`guider.momentum_buffer`, None without
+    momentum). diffusers makes a new MomentumBuffer at step 0 (prepare_inputs); ours follows it, zeroed in place
+    when the shape allows (CUDA-graph friendly), new otherwise. Theirs may already hold a running average (a
+    guider converted mid-trajectory by guider_from): ours starts from it. Callers point theirs at our tensor
+    afterwards (`theirs.running_average = buf.running_average`), so the state stays readable through diffusers'
+    attribute."""
+    theirs = guider.momentum_buffer
+    if theirs is None:
+        return None
+    if getattr(guider, "_fastguide_owner", None) is not theirs:
+        momentum = float(guider.adaptive_projected_guidance_momentum)
+        old = getattr(guider, "_fastguide_buffer", None)
+        ra = old.running_average if old is not None else None
+        if (ra is not None and old.momentum == momentum and ra.shape == pred_cond.shape
+                and ra.dtype == pred_cond.dtype and ra.device == pred_cond.device):
+            old.reset()
+        else:
+            old = ops.MomentumBuffer(momentum)
+        prior = getattr(theirs, "running_average", 0)
+        if isinstance(prior, torch.Tensor):
+            if prior.shape != pred_cond.shape:
+                raise ValueError(f"fastguide {type(guider).__name__}: the momentum buffer's running average has shape "
+                                 f"{tuple(prior.shape)}, the predictions {tuple(pred_cond.shape)}; reset the guider "
+                                 f"(set_state at step 0)")
+            if old.running_average is None:
+                old.running_average = torch.zeros_like(pred_cond)
+            old.running_average.copy_(prior)
+        guider._fastguide_buffer, guider._fastguide_owner = old, theirs
+    return guider._fastguide_buffer
+
+
+def _rows_buffer(guider, rows, run):
+    """run(sub_buffer) on the momentum rows `rows` only (AG switched the other samples off), written back: each
+    sample's running average advances on the steps its guidance is computed, the others' rows stay as they
+    are (they are not used again in this trajectory). The first guided step of a trajectory is always full
+    (AG decides after guided steps only), so the buffer exists here, bound to this trajectory."""
+    buf = getattr(guider, "_fastguide_buffer", None)
+    if buf is None or buf.running_average is None or guider._fastguide_owner is not guider.momentum_buffer:
+        raise RuntimeError(f"fastguide {type(guider).__name__}: a partial step before the trajectory's first full "
+                           f"guided step (the momentum buffer is not set up)")
+    ra = buf.running_average
+    sub = ops.MomentumBuffer(buf.momentum)
+    sub.running_average = ra.index_select(0, rows.to(ra.device))
+    pred = run(sub)
+    ra.index_copy_(0, rows.to(ra.device), sub.running_average)
+    return pred
+
+
 class AdaptiveProjectedGuidance(_Skipping, _dg.AdaptiveProjectedGuidance):
     __doc__ = "fastguide-backed " + (_dg.AdaptiveProjectedGuidance.__doc__ or "") + """
     fastguide: space="x0" (with scheduler=pipe.scheduler) runs the projection, the norm clamp and the momentum
@@ -550,33 +611,10 @@ class AdaptiveProjectedGuidance(_Skipping, _dg.AdaptiveProjectedGuidance):
         return self._guide_space(pred_cond, pred_uncond, rows)
 
     def _guide_space(self, pred_cond, pred_uncond, rows=None):
-        theirs, buf = self.momentum_buffer, None
+        theirs = self.momentum_buffer
         if theirs is not None and rows is not None:
             return self._guide_rows(pred_cond, pred_uncond, rows)
-        if theirs is not None:
-            # diffusers makes a new MomentumBuffer at step 0 (prepare_inputs); follow it with ours, zeroed
-            # in place when the shape allows (CUDA-graph friendly), new otherwise. Theirs may already hold
-            # a running average (a guider converted mid-trajectory by guider_from): ours starts from it.
-            if getattr(self, "_fastguide_owner", None) is not theirs:
-                old = getattr(self, "_fastguide_buffer", None)
-                ra = old.running_average if old is not None else None
-                if (ra is not None and old.momentum == float(self.adaptive_projected_guidance_momentum)
-                        and ra.shape == pred_cond.shape and ra.dtype == pred_cond.dtype
-                        and ra.device == pred_cond.device):
-                    old.reset()
-                else:
-                    old = ops.MomentumBuffer(float(self.adaptive_projected_guidance_momentum))
-                prior = getattr(theirs, "running_average", 0)
-                if isinstance(prior, torch.Tensor):
-                    if prior.shape != pred_cond.shape:
-                        raise ValueError(f"fastguide AdaptiveProjectedGuidance: the momentum buffer's running "
-                                         f"average has shape {tuple(prior.shape)}, the predictions "
-                                         f"{tuple(pred_cond.shape)}; reset the guider (set_state at step 0)")
-                    if old.running_average is None:
-                        old.running_average = torch.zeros_like(pred_cond)
-                    old.running_average.copy_(prior)
-                self._fastguide_buffer, self._fastguide_owner = old, theirs
-            buf = self._fastguide_buffer
+        buf = _synced_buffer(self, pred_cond)
         # diffusers clamps the norm only when the threshold is > 0: a negative one means "no clamp" there too.
         pred = ops.apg(pred_cond, pred_uncond, float(self.guidance_scale), eta=float(self.eta),
                        norm_threshold=max(float(self.adaptive_projected_guidance_rescale), 0.0), momentum_buffer=buf,
@@ -593,19 +631,11 @@ class AdaptiveProjectedGuidance(_Skipping, _dg.AdaptiveProjectedGuidance):
         average advances on the steps its guidance is computed, the others' rows stay as they are (they are
         not used again in this trajectory). The first guided step of a trajectory is always full (AG decides
         after guided steps only), so the buffer exists here, bound to this trajectory."""
-        buf = getattr(self, "_fastguide_buffer", None)
-        if buf is None or buf.running_average is None or self._fastguide_owner is not self.momentum_buffer:
-            raise RuntimeError("fastguide AdaptiveProjectedGuidance: a partial step before the trajectory's first "
-                               "full guided step (the momentum buffer is not set up)")
-        ra = buf.running_average
-        sub = ops.MomentumBuffer(buf.momentum)
-        sub.running_average = ra.index_select(0, rows.to(ra.device))
-        pred = ops.apg(pred_cond, pred_uncond, float(self.guidance_scale), eta=float(self.eta),
-                       norm_threshold=max(float(self.adaptive_projected_guidance_rescale), 0.0), momentum_buffer=sub,
-                       norm_dim=self.adaptive_projected_guidance_norm_dim, rescale=float(self.guidance_rescale),
-                       original=self.use_original_formulation)
-        ra.index_copy_(0, rows.to(ra.device), sub.running_average)
-        return pred
+        return _rows_buffer(self, rows, lambda sub: ops.apg(
+            pred_cond, pred_uncond, float(self.guidance_scale), eta=float(self.eta),
+            norm_threshold=max(float(self.adaptive_projected_guidance_rescale), 0.0), momentum_buffer=sub,
+            norm_dim=self.adaptive_projected_guidance_norm_dim, rescale=float(self.guidance_rescale),
+            original=self.use_original_formulation))
 
 
 class FrequencyDecoupledGuidance(_Skipping, _dg.FrequencyDecoupledGuidance):
@@ -630,6 +660,183 @@ class FrequencyDecoupledGuidance(_Skipping, _dg.FrequencyDecoupledGuidance):
                              rescale_space=self.guidance_rescale_space, original=orig)
 
 
+# --- the diffusers 0.42 guiders: MAG, TCFG, AutoGuidance, APMix, SEG, LTX-2 -------------------------------------
+# Their math lives in fastguide.methods (one function per method, shared with the registry entries).
+class MagnitudeAwareGuidance(_Skipping, _dg.MagnitudeAwareGuidance):
+    __doc__ = "fastguide-backed " + (_dg.MagnitudeAwareGuidance.__doc__ or "")
+    __init__ = _policy_init(_dg.MagnitudeAwareGuidance)
+
+    def _guide(self, pred_cond, pred_uncond, rows=None):
+        if not self._is_mambo_g_enabled():
+            return pred_cond  # diffusers' rescale of pred_cond against itself is the identity
+        return methods.mag(pred_cond, pred_uncond, float(self.guidance_scale), float(self.alpha),
+                           rescale=float(self.guidance_rescale), original=self.use_original_formulation)
+
+
+class TangentialClassifierFreeGuidance(_Skipping, _dg.TangentialClassifierFreeGuidance):
+    __doc__ = "fastguide-backed " + (_dg.TangentialClassifierFreeGuidance.__doc__ or "") + """
+    fastguide: the projection comes from the 2 x 2 Gram matrix of (cond, uncond) (one fused pass, then
+    torch.linalg.svd of [B, 2, 2]) instead of the SVD of the [B, 2, N] predictions; `is_conditional` counts the
+    prepared batches (diffusers 0.42 reads an attribute that does not exist, `_num_outputs_prepared`)."""
+    __init__ = _policy_init(_dg.TangentialClassifierFreeGuidance)
+
+    @property
+    def is_conditional(self):
+        return self._count_prepared == 1
+
+    def _guide(self, pred_cond, pred_uncond, rows=None):
+        if not self._is_tcfg_enabled():
+            return pred_cond
+        return methods.tcfg(pred_cond, pred_uncond, float(self.guidance_scale), rescale=float(self.guidance_rescale),
+                            original=self.use_original_formulation)
+
+
+def _list_indices(configs):
+    """diffusers 0.42 builds `LayerSkipConfig(layer, ...)` / `SmoothedEnergyGuidanceConfig(layer, ...)` per entry
+    of auto_guidance_layers / seg_guidance_layers: an int where the config wants a list of indices, and the
+    hooks then fail on len(int) / `i in int` at the first perturbed batch. Same layers, as lists (in place, before
+    the hooks go on: also on guiders converted by guider_from); the saved config is unchanged."""
+    for config in configs:
+        if isinstance(config.indices, int):
+            config.indices = [config.indices]
+
+
+class AutoGuidance(_Skipping, _dg.AutoGuidance):
+    __doc__ = "fastguide-backed " + (_dg.AutoGuidance.__doc__ or "") + """
+    fastguide: the unconditional batch runs with diffusers' layer-skip hooks (the "bad" model) as in diffusers;
+    the combine is fastguide.cfg. Adaptive guidance / intervals / LinearAG skip that batch per sample.
+    `auto_guidance_layers=[...]` works (diffusers 0.42 crashes on it at the first unconditional batch)."""
+    __init__ = _policy_init(_dg.AutoGuidance)
+
+    def prepare_models(self, denoiser):
+        _list_indices(self.auto_guidance_config)
+        super().prepare_models(denoiser)
+
+    def _guide(self, pred_cond, pred_uncond, rows=None):
+        if not self._is_ag_enabled():
+            return pred_cond
+        return ops.cfg(pred_cond, pred_uncond, float(self.guidance_scale), rescale=float(self.guidance_rescale),
+                       original=self.use_original_formulation)
+
+
+class AdaptiveProjectedMixGuidance(_Skipping, _dg.AdaptiveProjectedMixGuidance):
+    __doc__ = "fastguide-backed " + (_dg.AdaptiveProjectedMixGuidance.__doc__ or "") + """
+    fastguide: adaptive= / interval= / linear_ag= skip the unconditional pass per sample, the momentum kept per
+    sample (a sample's running average advances on the steps it is guided, CFG steps included)."""
+    __init__ = _policy_init(_dg.AdaptiveProjectedMixGuidance)
+
+    def _guide(self, pred_cond, pred_uncond, rows=None):
+        if not self._is_cfg_enabled():
+            return pred_cond  # no momentum update there, as in diffusers
+
+        def run(buf):
+            return methods.apg_mix(pred_cond, pred_uncond, float(self.guidance_scale),
+                                   float(self.adaptive_projected_guidance_scale), self._is_apg_enabled(),
+                                   eta=float(self.eta), norm_threshold=float(self.adaptive_projected_guidance_rescale),
+                                   momentum_buffer=buf, rescale=float(self.guidance_rescale),
+                                   original=self.use_original_formulation)
+
+        theirs = self.momentum_buffer
+        if theirs is not None and rows is not None:
+            return _rows_buffer(self, rows, run)
+        buf = _synced_buffer(self, pred_cond)
+        pred = run(buf)
+        if buf is not None:
+            theirs.running_average = buf.running_average  # diffusers' attribute shows our state
+        return pred
+
+
+def _apply_seg_hooks(denoiser, config, blur_sigma, blur_threshold_inf, name):
+    """diffusers' `_apply_smoothed_energy_guidance_hook` (same layer selection: the non-cross attention modules of
+    the blocks `config.indices` of the stack `config.fqn`, their `to_q`), with fastguide's blur hook."""
+    where = "fastguide.diffusers.SmoothedEnergyGuidance"
+    if config.fqn == "auto":
+        found = [i for i in _ALL_TRANSFORMER_BLOCK_IDENTIFIERS if hasattr(denoiser, i)]
+        if not found:
+            raise ValueError(f"{where}: no stack of transformer blocks found automatically in "
+                             f"{type(denoiser).__name__}; give SmoothedEnergyGuidanceConfig(fqn=...)")
+        config.fqn = found[0]
+    if config._query_proj_identifiers is None:
+        config._query_proj_identifiers = ["to_q"]
+    blocks_found = False
+    for i, block in enumerate(_get_submodule_from_fqn(denoiser, config.fqn)):
+        if i not in config.indices:
+            continue
+        blocks_found = True
+        for sub in block.modules():
+            if not isinstance(sub, _ATTENTION_CLASSES) or sub.is_cross_attention:
+                continue
+            for ident in config._query_proj_identifiers:
+                proj = getattr(sub, ident, None)
+                if isinstance(proj, torch.nn.Linear):
+                    HookRegistry.check_if_exists_or_initialize(proj).register_hook(
+                        _SEGQueryHook(blur_sigma, blur_threshold_inf), name)
+    if not blocks_found:
+        raise ValueError(f"{where}: no transformer blocks {config.indices} in '{config.fqn}' of "
+                         f"{type(denoiser).__name__}")
+
+
+class _SEGQueryHook(SmoothedEnergyGuidanceHook):
+    """diffusers' SEG hook on `to_q` with the official blur (fastguide.attention.seg_blur_) and the guider's own
+    `seg_blur_threshold_inf` (diffusers' hook keeps its default 9999.9)."""
+
+    def post_forward(self, module, output):
+        return seg_blur_(output, self.blur_sigma, self.blur_threshold_inf)
+
+
+class SmoothedEnergyGuidance(_SkipLayerForward, _dg.SmoothedEnergyGuidance):
+    __doc__ = "fastguide-backed " + (_dg.SmoothedEnergyGuidance.__doc__ or "") + """
+    fastguide: the blurred-query batch is really blurred. diffusers 0.42's `prepare_models` never counts the
+    batches, so its hooks never go on and `pred_cond_seg` equals `pred_cond` (SEG is a no-op there); and its
+    blur swaps the finite / infinite branches (a finite sigma gives the mean query, the default "infinite" sigma
+    a box blur). Here the third batch (the second with CFG off) gets the official SEG blur
+    (fastguide.attention.seg_blur_) on `to_q` of the configured layers; the combine is fastguide.pag / cfg.
+    In `fastguide.enable`'s single batch the same blur runs as `fastguide.attention.SEGProcessor`.
+    `seg_guidance_layers=[...]` works (diffusers 0.42 would fail on it once its hooks went on)."""
+    __init__ = _policy_init(_dg.SmoothedEnergyGuidance)
+
+    # _SkipLayerForward's combine under SEG's names: base + scale (cond - uncond) + seg_scale (cond - seg)
+    _is_slg_enabled = _dg.SmoothedEnergyGuidance._is_seg_enabled
+
+    @property
+    def skip_layer_guidance_scale(self):
+        return self.seg_guidance_scale
+
+    def prepare_models(self, denoiser):
+        self._count_prepared += 1
+        if self._is_seg_enabled() and self.is_conditional and self._count_prepared > 1:
+            _list_indices(self.seg_guidance_config)
+            for name, config in zip(self._seg_layer_hook_names, self.seg_guidance_config):
+                _apply_seg_hooks(denoiser, config, float(self.seg_blur_sigma), float(self.seg_blur_threshold_inf),
+                                 name)
+
+    def forward(self, pred_cond, pred_uncond=None, pred_cond_seg=None):
+        return super().forward(pred_cond, pred_uncond, pred_cond_seg)
+
+
+class LTX2Guidance(_PolicyArgs, _dg.LTX2Guidance):
+    __doc__ = "fastguide-backed " + (_dg.LTX2Guidance.__doc__ or "")
+    __init__ = _policy_init(_dg.LTX2Guidance)
+
+    def _cannot_skip(self):
+        return "its spatio-temporal and modality passes are guidance terms of their own"
+
+    def forward(self, pred_cond, pred_uncond=None, pred_cond_stg=None, pred_cond_modality=None):
+        terms = []
+        for on, weight, pred, name in ((self.is_cfg_enabled(), float(self.guidance_scale) - 1.0, pred_uncond,
+                                        "pred_uncond"),
+                                       (self.is_stg_enabled(), float(self.stg_scale), pred_cond_stg, "pred_cond_stg"),
+                                       (self.is_modality_enabled(), float(self.modality_scale) - 1.0,
+                                        pred_cond_modality, "pred_cond_modality")):
+            if on and pred is None:
+                raise ValueError(f"fastguide.diffusers.LTX2Guidance: this step's active predictions are "
+                                 f"{self.active_predictions()}; {name} is missing")
+            if on:
+                terms.append((weight, pred))
+        pred = methods.ltx2(pred_cond, terms, rescale=float(self.guidance_rescale))
+        return GuiderOutput(pred=pred, pred_cond=pred_cond, pred_uncond=pred_uncond)
+
+
 GUIDERS = {  # diffusers guider -> fastguide twin
     _dg.ClassifierFreeGuidance: ClassifierFreeGuidance,
     _dg.PerturbedAttentionGuidance: PerturbedAttentionGuidance,
@@ -637,6 +844,12 @@ GUIDERS = {  # diffusers guider -> fastguide twin
     _dg.ClassifierFreeZeroStarGuidance: ClassifierFreeZeroStarGuidance,
     _dg.AdaptiveProjectedGuidance: AdaptiveProjectedGuidance,
     _dg.FrequencyDecoupledGuidance: FrequencyDecoupledGuidance,
+    _dg.MagnitudeAwareGuidance: MagnitudeAwareGuidance,
+    _dg.TangentialClassifierFreeGuidance: TangentialClassifierFreeGuidance,
+    _dg.AutoGuidance: AutoGuidance,
+    _dg.AdaptiveProjectedMixGuidance: AdaptiveProjectedMixGuidance,
+    _dg.SmoothedEnergyGuidance: SmoothedEnergyGuidance,
+    _dg.LTX2Guidance: LTX2Guidance,
 }
 
 # The twins that can skip the unconditional pass per sample (PAG / SLG cannot: a third branch).

@@ -9,6 +9,7 @@ the public name -> Method mapping, so users and tools can list what is there.
 Adding a method = its kernel(s) and op wrapper, one `register(Method(...))` here, and its tests
 (CONTRIBUTING.md walks through a real example).
 """
+import math
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Mapping, Optional, Tuple
@@ -163,3 +164,168 @@ register(Method(
     combine=lambda x, p, state, step: frequency.fdg(x["cond"], x["uncond"], list(p["scales"]),
                                                     parallel_weights=p["parallel_weights"], rescale=p["rescale"],
                                                     original=p["original"])))
+
+
+# --- the diffusers 0.42 guiders twinned in fastguide.diffusers (MAG, TCFG, APMix, LTX-2) -----------------
+# Each combine is one function here, called by the registry entry and by the twin alike.
+def _gram(cond, uncond):
+    """(<c,c>, <c,u>, <u,u>) per sample as float64 [B] tensors: one fused guidance_stats pass (fp32 sums); float64
+    inputs take float64 sums (the op's statistics come back in fp32)."""
+    ops._check_pair("guidance_stats", cond, uncond, "uncond")
+    if cond.dtype == torch.float64:
+        c, u = cond.flatten(1), uncond.flatten(1)
+        return (c * c).sum(1), (c * u).sum(1), (u * u).sum(1)
+    raw = ops.guidance_stats(cond, uncond).raw.double()
+    return raw[:, 1], raw[:, 0], raw[:, 2]
+
+
+def _per_sample(t, like):
+    """A [B] (or 0-d) tensor broadcast over the non-batch dims of `like`."""
+    return t.reshape(t.shape + (1,) * (like.dim() - t.dim())) if t.dim() else t
+
+
+def _isclose(scale, value):
+    """diffusers' `math.isclose(scale, value)` switch; a tensor scale (never read on the host) counts as on."""
+    return not isinstance(scale, torch.Tensor) and math.isclose(float(scale), value)
+
+
+def mag(cond, uncond, scale, alpha, *, rescale=0.0, original=False):
+    """Magnitude-aware guidance (MAMBO-G; diffusers `mambo_guidance` + rescale): CFG with the per-sample scale
+    1 + (scale - 1) exp(-alpha |c - u| / |u|) (scale exp(...) when `original`). One guidance_stats pass gives
+    the norms, then one cfg pass with the [B] scale. |c - u|^2 = |c|^2 - 2<c,u> + |u|^2 from fp32 sums cancels
+    when c ~ u; the scale's error is then multiplied by the small c - u: measured on [2, 4096, 64], scale 10,
+    alpha 8, the prediction is within 1e-5 of the float64 result (relative to its max) down to |c - u| = 0.01 |c|
+    (diffusers' fp32: 6e-7; it forms c - u, one more pass). Float64 inputs: float64 norms."""
+    cc, cu, uu = _gram(cond, uncond)
+    ratio = (cc - 2 * cu + uu).clamp_min(0).sqrt() / uu.sqrt()  # |u| = 0: inf or nan, as in diffusers
+    if isinstance(scale, torch.Tensor):
+        scale = scale.to(ratio)
+    weight = torch.exp(-float(alpha) * ratio)
+    s = scale * weight if original else 1.0 + (scale - 1.0) * weight
+    acc = torch.float64 if cond.dtype == torch.float64 else torch.float32
+    return ops.cfg(cond, uncond, s.to(acc), rescale=rescale, original=original)
+
+
+def tcfg(cond, uncond, scale, *, rescale=0.0, original=False):
+    """Tangential CFG (diffusers `normalized_guidance` of TangentialClassifierFreeGuidance): uncond is replaced by
+    its projection u' = <u, v0> v0 on the first right singular vector v0 of the 2 x N matrix [c; u] per sample,
+    then CFG on (c, u'). v0 lies in span(c, u): with the 2 x 2 Gram matrix G = [c; u][c; u]^T = U S^2 U^T
+    (torch.linalg.svd of G, float64), v0 = (U00 c + U10 u) / S0, so u' = p c + q u and the guided prediction is
+    A c + B u with per-sample A, B: one guidance_stats pass, a 2 x 2 SVD per sample, one combine (two
+    element-wise kernels), instead of the SVD of [B, 2, N] and its matmuls. The sign of v0 cancels in u'."""
+    cc, cu, uu = _gram(cond, uncond)
+    gram = torch.stack([torch.stack([cc, cu], -1), torch.stack([cu, uu], -1)], -2)
+    U, S, _ = torch.linalg.svd(gram)
+    e0, e1, lam = U[:, 0, 0], U[:, 1, 0], S[:, 0]
+    k = torch.where(lam > 0, (e0 * cu + e1 * uu) / lam.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+    p, q = k * e0, k * e1  # u' = p c + q u
+    if isinstance(scale, torch.Tensor):
+        scale = scale.to(p)
+    if original:  # c + s (c - u')
+        a, b = 1.0 + scale - scale * p, -scale * q
+    else:         # u' + s (c - u')
+        a, b = scale + (1.0 - scale) * p, (1.0 - scale) * q
+    acc = torch.float64 if cond.dtype == torch.float64 else torch.float32
+    a, b = _per_sample(a.to(acc), cond), _per_sample(b.to(acc), cond)
+    out = torch.addcmul(uncond * b, cond, a).to(cond.dtype)  # fp32 arithmetic for half inputs
+    return ops.rescale(out, cond, rescale) if rescale > 0 else out
+
+
+def momentum_update(buffer, cond, uncond, where="apg_mix"):
+    """APG's momentum step alone (running = (c - u) + momentum * running), on a fastguide.MomentumBuffer, in
+    place and validated before anything is written; rounded like diffusers' MomentumBuffer.update."""
+    t, mom, bind = ops._momentum_state(where, None, buffer, cond)
+    t.mul_(mom).add_(cond - uncond)
+    if bind is not None:
+        bind._bind(t)
+
+
+def apg_mix(cond, uncond, scale, apg_scale, apg_on, *, eta=0.0, norm_threshold=10.0, momentum_buffer=None,
+            rescale=0.0, original=False):
+    """diffusers AdaptiveProjectedMixGuidance (HunyuanImage 2.1) on a step where its CFG is on: APG with
+    `apg_scale` when `apg_on` (past its start step; fastguide.apg: momentum, norm clamp, projection), else CFG
+    with `scale` while the momentum follows cond - uncond."""
+    if apg_on:
+        return ops.apg(cond, uncond, apg_scale, eta=eta, norm_threshold=max(float(norm_threshold), 0.0),
+                       momentum_buffer=momentum_buffer, rescale=rescale, original=original)
+    pred = ops.cfg(cond, uncond, scale, rescale=rescale, original=original)  # validates before the state moves
+    if momentum_buffer is not None:
+        momentum_update(momentum_buffer, cond, uncond)
+    return pred
+
+
+def ltx2(cond, terms, *, rescale=0.0):
+    """LTX-2's delta formulation: cond + sum_k w_k (cond - other_k) over the enabled terms [(w_k, other_k)]
+    ((gs - 1, uncond), (stg, stg pass), (modality - 1, modality-isolated pass)), then guidance rescale. One
+    fastguide.cfg / pag pass for up to two terms (their original formulation is cond + w (cond - other)), two
+    for three."""
+    if not terms:
+        return cond
+    if len(terms) == 1:
+        (w, o), = terms
+        return ops.cfg(cond, o, w, rescale=rescale, original=True)
+    (w1, o1), (w2, o2), *rest = terms
+    if not rest:
+        return ops.pag(cond, o1, o2, w1, w2, rescale=rescale, original=True)
+    (w3, o3), = rest
+    first = ops.pag(cond, o1, o2, w1, w2, original=True)
+    return ops.pag(cond, first, o3, 0.0, w3, rescale=rescale)  # first + 0 (cond - first) + w3 (cond - o3)
+
+
+register(Method(
+    name="mag", summary="magnitude-aware guidance, MAMBO-G (CFG scale damped by |c - u| / |u| per sample)",
+    peer="diffusers MagnitudeAwareGuidance", twin="MagnitudeAwareGuidance",
+    params={"scale": None, "alpha": 8.0, **COMMON}, example={"alpha": 8.0},
+    guider_config=lambda p: {**_twin_common(p), "alpha": p["alpha"]},
+    combine=lambda x, p, state, step: mag(x["cond"], x["uncond"], p["scale"], p["alpha"], rescale=p["rescale"],
+                                          original=p["original"])))
+
+register(Method(
+    name="tcfg", summary="tangential CFG (uncond projected on the first singular vector of [cond; uncond])",
+    peer="diffusers TangentialClassifierFreeGuidance", twin="TangentialClassifierFreeGuidance",
+    params={"scale": None, **COMMON}, example={}, guider_config=_twin_common,
+    combine=lambda x, p, state, step: tcfg(x["cond"], x["uncond"], p["scale"], rescale=p["rescale"],
+                                           original=p["original"])))
+
+
+def _apg_mix_config(p):
+    return {**_twin_common(p), "adaptive_projected_guidance_scale": p["apg_scale"],
+            "adaptive_projected_guidance_momentum": p["momentum"],
+            "adaptive_projected_guidance_rescale": p["norm_threshold"], "eta": p["eta"],
+            "adaptive_projected_guidance_start_step": p["start_step"]}
+
+
+def _apg_mix_on(p, step):
+    """diffusers' _is_apg_enabled: past the start step, and an APG scale that guides (!= 1; != 0 when original)."""
+    return step > p["start_step"] and not _isclose(p["apg_scale"], 0.0 if p["original"] else 1.0)
+
+
+register(Method(
+    name="apg_mix", summary="CFG for the first steps, then APG (momentum kept from the start): HunyuanImage 2.1",
+    peer="diffusers AdaptiveProjectedMixGuidance", twin="AdaptiveProjectedMixGuidance",
+    scale_params=("scale", "apg_scale"),
+    params={"scale": None, "apg_scale": 10.0, "momentum": -0.5, "norm_threshold": 10.0, "eta": 0.0, "start_step": 5,
+            **COMMON},
+    example={"start_step": 1, "apg_scale": 6.0}, guider_config=_apg_mix_config,
+    new_state=_apg_state, reset_state=lambda buf: buf is not None and buf.reset(),
+    combine=lambda x, p, buf, step: apg_mix(x["cond"], x["uncond"], p["scale"], p["apg_scale"], _apg_mix_on(p, step),
+                                            eta=p["eta"], norm_threshold=p["norm_threshold"], momentum_buffer=buf,
+                                            rescale=p["rescale"], original=p["original"])))
+
+
+def _ltx2(x, p, state, step):
+    if p["original"]:
+        raise ValueError("fastguide: guidance='ltx2' has one formulation (cond + (scale - 1)(cond - uncond) + ...); "
+                         "original=True does not apply")
+    return ltx2(x["cond"], [(p["scale"] - 1.0, x["uncond"]), (p["stg_scale"], x["perturbed"])], rescale=p["rescale"])
+
+
+register(Method(
+    name="ltx2", summary="LTX-2 guidance: CFG + spatio-temporal guidance (identity attention on `layers`)",
+    peer="diffusers LTX2Guidance (single modality)", twin="LTX2Guidance",
+    branches=("cond", "uncond", "perturbed"), scale_params=("scale", "stg_scale"),
+    params={"scale": None, "stg_scale": 1.0, "layers": ("mid",), **COMMON},
+    example={"stg_scale": 1.0, "layers": ("mid",)},
+    guider_config=lambda p: {"guidance_rescale": p["rescale"], "stg_scale": p["stg_scale"],
+                             **({"guidance_scale": p["scale"]} if p["scale"] is not None else {})},
+    combine=_ltx2))

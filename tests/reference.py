@@ -41,3 +41,24 @@ def rel_err(out, ref):
     if not torch.isfinite(out).all():
         return float("inf")
     return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def mambo_guidance(cond, uncond, scale, alpha, original=False):
+    """MAMBO-G (diffusers' mambo_guidance) with vector norms over every non-batch dim."""
+    dims = tuple(range(1, cond.dim()))
+    diff = cond - uncond
+    norm = lambda x: torch.linalg.vector_norm(x, dim=dims, keepdim=True)  # noqa: E731
+    ratio = norm(diff) / norm(uncond)
+    weight = torch.exp(-alpha * ratio)
+    s = scale * weight if original else 1.0 + (scale - 1.0) * weight
+    return (cond if original else uncond) + s * diff
+
+
+def tangential_cfg(cond, uncond, scale, original=False):
+    """TCFG (diffusers' normalized_guidance, in the inputs' dtype): uncond projected on the first right singular
+    vector of [cond; uncond] per sample, then CFG."""
+    m = torch.stack([cond, uncond], 1).flatten(2)
+    _, _, vh = torch.linalg.svd(m, full_matrices=False)
+    v0 = vh[:, :1]
+    u_proj = ((uncond.flatten(1)[:, None] @ v0.transpose(-2, -1)) @ v0).reshape(uncond.shape)
+    return (cond if original else u_proj) + scale * (cond - u_proj)
