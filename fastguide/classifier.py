@@ -73,9 +73,9 @@ class _ClassifierGuider(ClassifierFreeGuidance):
         self._labels = labels[0] if isinstance(labels, tuple) else labels
         return super().prepare_inputs(data)
 
-    def _inputs(self, batch, where):
+    def _inputs(self, batch, where, need_classifier=True):
         """(target labels [B] on x's device, denoiser input x [B, ...]) or a clear error."""
-        if self.classifier is None:
+        if need_classifier and self.classifier is None:
             raise ValueError(f"{where}: no classifier (it is not saved with the config): set guider.classifier")
         y = self.target if self.target is not None else self._labels
         x = self._sample
@@ -419,7 +419,7 @@ class DynamicCFG(_ClassifierGuider):
         if pred_uncond is None or not self._is_cfg_enabled():
             return pred_cond
         b = pred_cond.shape[0]
-        y, x = self._inputs(b, f"fastguide.classifier.{type(self).__name__}")
+        y, x = self._inputs(b, f"fastguide.classifier.{type(self).__name__}", need_classifier=self.evaluator is None)
         k = len(self.scales)
         scales = torch.tensor(self.scales, dtype=torch.float32, device=pred_cond.device)
         with torch.no_grad():
