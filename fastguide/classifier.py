@@ -27,8 +27,11 @@ read the denoiser's input through `prepare_models` (pipelines call it around eve
 fastguide's fused ops with per-sample [B] tensor scales (`ops.cfg`, `ops.pag`): the per-sample decisions
 (GFCG's scales, DynamicCFG's choice) stay on the device, no host sync, no recompiles when they change.
 
-Not in `fastguide.METHODS`: a registry method is a combine of branches of the same denoiser, and these read a
-second model (the classifier) and the denoiser's input; see CONTRIBUTING.md.
+Not in `fastguide.METHODS`: a registry method is a combine of predictions of one denoiser (branches cond /
+uncond / perturbed) with JSON-able parameters; these read a second model (the classifier: a live object, not
+config), the denoiser's input x_t, the target labels and the noise schedule, and GFCG adds a branch with a
+different condition (the reference class). The registry would need a "needs" field (classifier, sample, labels,
+schedule), a branch kind for a swapped condition, and parameters that are objects outside the config.
 """
 import math
 
@@ -91,7 +94,8 @@ class _ClassifierGuider(ClassifierFreeGuidance):
         """This step's timestep as a [B] tensor for the classifier (0 for clean-image estimates)."""
         t = torch.as_tensor(self._timestep, device=x.device)
         t = t.flatten()[0] if t.dim() else t
-        return torch.zeros(x.shape[0], dtype=t.dtype, device=x.device) if clean else t.expand(x.shape[0])
+        # an expanded scalar (stride 0): routers (TimestepExperts) see one timestep without comparing rows
+        return (torch.zeros((), dtype=t.dtype, device=x.device) if clean else t).expand(x.shape[0])
 
 
 class ClassifierGuidance(_ClassifierGuider):
@@ -185,8 +189,9 @@ class ClassifierGuidance(_ClassifierGuider):
 class TimestepExperts(torch.nn.Module):
     """PPAP's multi-expert guidance model: `experts[i]` (callables (x, t) -> logits) serves the timesteps in
     [boundaries[i], boundaries[i + 1]) (the last also past its end, the first below its start). Use it as the
-    classifier of `ClassifierGuidance`. A scalar timestep (all samples at one noise level, as in a sampling loop)
-    routes in Python, no device sync; a [B] timestep tensor routes each row to its expert."""
+    classifier of `ClassifierGuidance`. One timestep for all samples (a scalar, or a scalar expanded to [B], as
+    the guiders pass it) routes in Python on its value; a [B] tensor of distinct timesteps routes each row to its
+    expert."""
 
     def __init__(self, boundaries, experts):
         super().__init__()
@@ -215,7 +220,7 @@ class TimestepExperts(torch.nn.Module):
     def forward(self, x, t):
         experts = self._experts()
         t = torch.as_tensor(t, device=x.device)
-        if t.dim() == 0 or t.numel() == 1 or bool((t == t.flatten()[0]).all()):
+        if t.dim() == 0 or t.numel() == 1 or t.stride(0) == 0:  # one timestep (a scalar expanded to [B]: stride 0)
             i = self.index(t.flatten()[0])
             self.calls[i] += 1
             return experts[i](x, t if t.dim() else t.expand(x.shape[0]))

@@ -111,8 +111,8 @@ class MultiExpertClassifier(nn.Module):
 
     def forward(self, x, t):
         t = torch.as_tensor(t, device=x.device)
-        if t.dim() == 0:
-            return self.experts[self.expert_index(t)](x, t)
+        if t.dim() == 0 or t.numel() == 1 or t.stride(0) == 0:  # one timestep (a scalar expanded to [B]: stride 0)
+            return self.experts[self.expert_index(t.flatten()[0])](x, t)
         # per-sample timesteps: each row through its expert (rows grouped per expert)
         idx = torch.bucketize(t, self.boundaries[1:-1].to(t.device), right=True)
         out = x.new_empty((x.shape[0], data.NUM_CLASSES))
