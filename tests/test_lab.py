@@ -58,6 +58,24 @@ def test_missing_weights_name_the_file_and_the_train_command(tmp_path):
         lab.pipeline(weights_dir=str(tmp_path))
 
 
+def test_ppap_weights_route_by_timestep_and_bad_files(tmp_path):
+    experts = lab.ppap_classifier("experts")
+    assert experts.boundaries.tolist() == list(models.PPAP_BOUNDARIES) and len(experts.experts) == 3
+    x = torch.randn(4, 1, 8, 8)
+    for tv, i in ((0, 0), (249, 0), (250, 1), (700, 2), (999, 2)):
+        torch.testing.assert_close(experts(x, torch.tensor(tv)), experts.experts[i](x, torch.tensor(tv)))
+    t = torch.tensor([900, 10, 300, 10])
+    rows = torch.cat([experts.experts[i](x[j:j + 1], t[j:j + 1]) for j, i in enumerate((2, 0, 1, 0))])
+    torch.testing.assert_close(experts(x, t), rows)
+    with pytest.raises(ValueError, match="kind must be"):
+        lab.ppap_classifier("three")
+    with pytest.raises(FileNotFoundError, match=r"ppap_experts\.safetensors.*python -m fastguide\.lab train"):
+        lab.ppap_classifier("experts", weights_dir=str(tmp_path))
+    (tmp_path / models.WEIGHTS["ppap_single"]).write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(RuntimeError, match=r"ppap_single\.safetensors.*python -m fastguide\.lab train"):
+        lab.ppap_classifier("single", weights_dir=str(tmp_path))
+
+
 def test_corrupted_weights_name_the_file_and_the_train_command(tmp_path):
     for name in models.WEIGHTS.values():
         shutil.copy(os.path.join(models.WEIGHTS_DIR, name), tmp_path / name)
@@ -68,11 +86,17 @@ def test_corrupted_weights_name_the_file_and_the_train_command(tmp_path):
 
 def test_train_command_reproduces_loadable_weights_quickly(tmp_path):
     from fastguide.lab.__main__ import main
-    assert main(["train", "--out", str(tmp_path), "--steps", "3", "--early-steps", "2", "--classifier-steps", "3"]) == 0
+    assert main(["train", "--out", str(tmp_path), "--steps", "3", "--early-steps", "2", "--classifier-steps", "3",
+                 "--ppap-steps", "2"]) == 0
     summary = json.loads((tmp_path / "train_summary.json").read_text())
     assert summary["unet_steps"] == 3 and summary["eval_classifier_heldout_accuracy"] > 0.9
+    assert summary["ppap_expert_steps"] == 2 and summary["ppap_boundaries"] == list(models.PPAP_BOUNDARIES)
     lab.pipeline(weights_dir=str(tmp_path))
     lab.noisy_classifier(weights_dir=str(tmp_path))
+    experts = lab.ppap_classifier("experts", weights_dir=str(tmp_path))
+    assert len(experts.experts) == 3 and len(lab.ppap_classifier("single", weights_dir=str(tmp_path)).experts) == 1
+    assert main(["train", "--out", str(tmp_path), "--only-ppap", "--ppap-steps", "1"]) == 0  # retrains only PPAP's
+    assert json.loads((tmp_path / "train_summary.json").read_text())["ppap_expert_steps"] == 1
 
 
 def test_frechet_distance_matches_closed_form():
