@@ -86,6 +86,9 @@ def _methods(scheduler=None, pipe=None):
         # classifier of the same size
         "elucd": (lambda s: cg(_noisy_classifier(), classifier_scale=s, joint_temperature=1.0, marginal_temperature=0.5,
                                gamma=0.3, scheduler=scheduler), (1.0, 3.0, 10.0)),
+        # EluCD's sine schedule alone (temperatures 1): the part of the calibration that helps here
+        "elucd_schedule": (lambda s: cg(_noisy_classifier(), classifier_scale=s, gamma=0.3, scheduler=scheduler),
+                           (1.0, 3.0, 10.0)),
         "elucd_x0": (lambda s: cg(_noisy_classifier(), classifier_scale=s, joint_temperature=1.0,
                                   marginal_temperature=0.5, gamma=0.3, classifier_input="x0", scheduler=scheduler),
                      (0.1, 0.3, 1.0)),  # the x0 gradient of a clean classifier is steep: 3 already wrecks the samples
@@ -116,7 +119,7 @@ def _methods(scheduler=None, pipe=None):
 
 # sampled with the null class; accuracy is then against the target digits of guiders that take one
 # (classifier guidance), undefined (nan) otherwise
-UNCONDITIONAL = ("pag_uncond", "classifier", "elucd", "elucd_x0", "ppap", "ppap_single")
+UNCONDITIONAL = ("pag_uncond", "classifier", "elucd", "elucd_schedule", "elucd_x0", "ppap", "ppap_single")
 _CLASSIFIER = []
 _PPAP = {}
 
@@ -242,7 +245,7 @@ def add_arguments(p):
     p.add_argument("--samples", type=int, default=None, help="samples per (method, scale) point")
     p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20, DDIM)")
     p.add_argument("--methods", default=None, help="comma-separated subset (default: all): cfg, cfg_rescale, apg, apg_x0, "
-                   "cfg_zero_star, cfg_zero_star_init, pag_uncond, pag, classifier, elucd, elucd_x0, ppap, ppap_single, gfcg, "
+                   "cfg_zero_star, cfg_zero_star_init, pag_uncond, pag, classifier, elucd, elucd_schedule, elucd_x0, ppap, ppap_single, gfcg, "
                    "gfcg_cfg3, dynamic_cfg, fdg, ag, ag_prediction, interval, first_steps, linear_ag")
     p.add_argument("--scales", default=None, help="comma-separated scales for every method (default: per method)")
     p.add_argument("--seed", type=int, default=0)
