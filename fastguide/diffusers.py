@@ -383,69 +383,11 @@ class ClassifierFreeGuidance(_Skipping, _dg.ClassifierFreeGuidance):
                        original=self.use_original_formulation)
 
 
-class ClassifierGuidance(ClassifierFreeGuidance):
-    """CFG (`guidance_scale`; 1 = off) plus classifier guidance (Dhariwal & Nichol 2021) with the logit
-    temperature of "Elucidating the Design Space of Classifier-Guided Diffusion Generation" (EluCD):
-
-        eps = eps_cfg - classifier_scale * sqrt(1 - alpha_bar_t) * grad_x log softmax(classifier(x_t, t) / T)[y]
-
-    `classifier(x_t, t) -> logits [B, classes]` is any differentiable callable on the denoiser's input (a
-    noise-conditional classifier, e.g. `fastguide.lab.noisy_classifier()`); it is not part of the config (pass it
-    again after `from_pretrained`). The target labels `y` are `guider.target` when set, else the conditional
-    `class_labels` the pipeline hands to `prepare_inputs`. Epsilon-prediction models; the scheduler maps
-    timesteps to alpha_bar. The gradient runs under `torch.enable_grad()` inside the pipeline's no_grad."""
-
-    _needs_sample = True
-
-    def __init__(self, classifier=None, classifier_scale: float = 1.0, temperature: float = 1.0,
-                 guidance_scale: float = 1.0, guidance_rescale: float = 0.0, use_original_formulation: bool = False,
-                 start: float = 0.0, stop: float = 1.0, enabled: bool = True, *, scheduler=None):
-        where = "fastguide.diffusers.ClassifierGuidance"
-        if classifier is not None and not callable(classifier):
-            raise TypeError(f"{where}: classifier must be a callable (x_t, t) -> logits, got {type(classifier).__name__}")
-        for name, v in (("classifier_scale", classifier_scale), ("temperature", temperature)):
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v or v in (float("inf"), float("-inf")):
-                raise ValueError(f"{where}: {name} must be a finite number, got {v!r}")
-        if temperature <= 0:
-            raise ValueError(f"{where}: temperature must be > 0, got {temperature!r}")
-        if scheduler is None:
-            raise ValueError(f"{where}: pass scheduler=pipe.scheduler (the gradient is scaled by sqrt(1 - alpha_bar_t))")
-        super().__init__(guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-                         use_original_formulation=use_original_formulation, start=start, stop=stop, enabled=enabled,
-                         scheduler=scheduler)
-        if self._schedule.flow or self._schedule.prediction_type != "epsilon":
-            raise ValueError(f"{where}: epsilon-prediction models only; the scheduler says "
-                             f"{'flow matching' if self._schedule.flow else self._schedule.prediction_type}")
-        self.classifier, self.classifier_scale, self.temperature = classifier, float(classifier_scale), float(temperature)
-        self.target = None
-        self._labels = None
-        self.register_to_config(classifier_scale=self.classifier_scale, temperature=self.temperature)
-
-    def prepare_inputs(self, data):
-        labels = data.get("class_labels") if isinstance(data, dict) else None
-        self._labels = labels[0] if isinstance(labels, tuple) else labels
-        return super().prepare_inputs(data)
-
-    def _guide(self, pred_cond, pred_uncond, rows=None):
-        pred = super()._guide(pred_cond, pred_uncond, rows) if pred_uncond is not None else pred_cond
-        if self.classifier_scale == 0:
-            return pred
-        where = "fastguide.diffusers.ClassifierGuidance"
-        if self.classifier is None:
-            raise ValueError(f"{where}: no classifier (it is not saved with the config): set guider.classifier")
-        y = self.target if self.target is not None else self._labels
-        x = self._sample
-        if not isinstance(y, torch.Tensor) or not isinstance(x, torch.Tensor) or y.shape[0] != pred.shape[0]:
-            raise ValueError(f"{where}: needs the target labels ([B] ints: guider.target, or class_labels in the "
-                             f"pipeline's prepare_inputs data) and the denoiser's input; got labels "
-                             f"{None if y is None else tuple(getattr(y, 'shape', ()))}, {pred.shape[0]} samples")
-        t = self._timestep
-        with torch.enable_grad():
-            xg = x.detach().float().requires_grad_(True)
-            logp = torch.log_softmax(self.classifier(xg, t).float() / self.temperature, dim=-1)
-            (grad,) = torch.autograd.grad(logp.gather(1, y.to(logp.device).long()[:, None]).sum(), xg)
-        s = self._schedule.sigma(t)  # VP sigma: sqrt(1 - alpha_bar) = s / sqrt(1 + s^2)
-        return pred - (self.classifier_scale * s / (1.0 + s * s) ** 0.5) * grad.to(pred.dtype)
+def __getattr__(name):  # ClassifierGuidance moved to fastguide.classifier (which imports this module): lazy re-export
+    if name == "ClassifierGuidance":
+        from .classifier import ClassifierGuidance
+        return ClassifierGuidance
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class _SkipLayerForward(_PolicyArgs):

@@ -15,7 +15,7 @@ import torch
 
 from . import data, models
 
-__all__ = ["DigitsPipeline", "pipeline", "load", "evaluator", "noisy_classifier", "data", "models"]
+__all__ = ["DigitsPipeline", "pipeline", "load", "evaluator", "noisy_classifier", "ppap_classifier", "data", "models"]
 
 
 def __getattr__(name):  # DigitsPipeline imports diffusers: only when asked for
@@ -78,3 +78,21 @@ def evaluator(weights_dir=None):
 def noisy_classifier(weights_dir=None):
     """p(y | x_t, t) on the lab's noise schedule: `clf(x_t, t)` -> [B, 10] logits (differentiable in x_t)."""
     return load("noisy_classifier", models.NoisyClassifier(), weights_dir)
+
+
+def ppap_classifier(kind="experts", weights_dir=None):
+    """PPAP's guidance classifiers (`models.MultiExpertClassifier`, callable as `clf(x_t, t)` -> [B, 10] logits):
+    kind "experts" (one small classifier per noise range, switched by timestep) or "single" (the same small
+    classifier for every timestep: the baseline the experts are measured against)."""
+    if kind not in ("experts", "single"):
+        raise ValueError(f"fastguide.lab.ppap_classifier: kind must be 'experts' or 'single', got {kind!r}")
+    key = f"ppap_{kind}"
+    path = _weights_path(key, weights_dir)
+    try:
+        from safetensors import safe_open
+        with safe_open(path, framework="pt") as f:
+            boundaries = f.get_tensor("boundaries").tolist()
+    except Exception as exc:  # noqa: BLE001 - a corrupted file raises various types
+        raise RuntimeError(f"fastguide.lab: cannot load weights file {path} ({type(exc).__name__}: {exc}); it is "
+                           f"corrupted or from another version: run `{models.TRAIN_COMMAND}` to reproduce it") from exc
+    return load(key, models.MultiExpertClassifier(boundaries), weights_dir)

@@ -18,6 +18,8 @@ WEIGHTS = {
     "unet_early": "digits_unet_early.safetensors",  # a weaker early checkpoint: accuracy still has room to move
     "noisy_classifier": "noisy_classifier.safetensors",
     "eval_classifier": "eval_classifier.safetensors",
+    "ppap_experts": "ppap_experts.safetensors",  # PPAP: small classifiers, one per noise range
+    "ppap_single": "ppap_single.safetensors",    # the same small classifier, one for every noise level
 }
 TRAIN_COMMAND = "python -m fastguide.lab train"
 
@@ -79,3 +81,43 @@ class EvalClassifier(nn.Module):
 
     def forward(self, pixels):
         return self.out(self.features(pixels))
+
+
+# PPAP's demonstration: EXPERT_HIDDEN-wide noisy classifiers, one per timestep range (the boundaries below), and
+# one of the same size for all timesteps (the single-model baseline PPAP compares against).
+PPAP_BOUNDARIES = (0, 250, 550, 1000)
+EXPERT_HIDDEN = 96
+
+
+class MultiExpertClassifier(nn.Module):
+    """PPAP's multi-expert guidance model ("Towards Practical Plug-and-Play Diffusion Models", Go et al. 2023):
+    expert i classifies the timesteps in [boundaries[i], boundaries[i + 1]); `clf(x_t, t)` routes the call to
+    the expert of t. One expert over [0, 1000) is the single-model baseline. The boundaries are a buffer, so
+    the weights file says how many experts it holds."""
+
+    def __init__(self, boundaries=PPAP_BOUNDARIES, hidden=EXPERT_HIDDEN):
+        super().__init__()
+        b = [int(v) for v in boundaries]
+        if len(b) < 2 or any(lo >= hi for lo, hi in zip(b, b[1:])):
+            raise ValueError(f"MultiExpertClassifier: boundaries must be increasing timesteps (at least 2), got {boundaries!r}")
+        self.register_buffer("boundaries", torch.tensor(b, dtype=torch.int64))
+        self._inner = b[1:-1]  # routing reads this Python copy: no device sync per call
+        self.experts = nn.ModuleList(NoisyClassifier(hidden) for _ in range(len(b) - 1))
+
+    def expert_index(self, t):
+        """Which expert serves timestep t (a number or 0-d tensor; the last expert also takes t >= the end)."""
+        tv = float(t)  # the pipeline's timestep (a host value in diffusers' schedulers' loops)
+        return sum(tv >= b for b in self._inner)
+
+    def forward(self, x, t):
+        t = torch.as_tensor(t, device=x.device)
+        if t.dim() == 0 or t.numel() == 1 or t.stride(0) == 0:  # one timestep (a scalar expanded to [B]: stride 0)
+            return self.experts[self.expert_index(t.flatten()[0])](x, t)
+        # per-sample timesteps: each row through its expert (rows grouped per expert)
+        idx = torch.bucketize(t, self.boundaries[1:-1].to(t.device), right=True)
+        out = x.new_empty((x.shape[0], data.NUM_CLASSES))
+        for i, expert in enumerate(self.experts):
+            rows = (idx == i).nonzero().flatten()
+            if rows.numel():
+                out[rows] = expert(x[rows], t[rows])
+        return out

@@ -47,8 +47,10 @@ def _methods(scheduler=None, pipe=None):
     """name -> (guider factory f(scale), default scales). The guiders are fastguide.diffusers twins of
     diffusers' guiders, i.e. what a user runs in a modular pipeline; the whole-pass savers (AG, interval,
     guiding only the first steps) are CFG guiders with a policy. `scheduler`: the pipeline's (sigmas)."""
+    from .. import classifier as fc
     from .. import diffusers as fg
     from ..pipelines import AG
+    cg = fc.ClassifierGuidance
     if scheduler is None:
         from . import _default_scheduler
         scheduler = _default_scheduler()
@@ -74,10 +76,34 @@ def _methods(scheduler=None, pipe=None):
         "pag": (lambda s: fg.PerturbedAttentionGuidance(
             guidance_scale=s, perturbed_guidance_scale=1.0, perturbed_guidance_start=0.0, perturbed_guidance_stop=1.0,
             perturbed_guidance_config=_pag_config()), (3.0,)),
-        # classifier guidance (EluCD form, temperature 1) with the lab's noise-conditional classifier, on the
+        # classifier guidance (Dhariwal & Nichol: temperatures 1, no schedule) with the lab's noise-conditional classifier, on the
         # unconditional model: the classifier alone steers the null class towards the target digits
         "classifier": (lambda s: fg.ClassifierGuidance(_noisy_classifier(), classifier_scale=s, scheduler=scheduler),
                        (1.0, 3.0, 10.0)),
+        # EluCD's calibrated classifier guidance (their DDPM setting: joint temperature 1, marginal 0.5, sine
+        # schedule gamma 0.3), on the noisy input and on the x0 estimate (the classifier read at t = 0, as an
+        # off-the-shelf clean classifier); PPAP: three small experts switched by timestep, and the single small
+        # classifier of the same size
+        "elucd": (lambda s: cg(_noisy_classifier(), classifier_scale=s, joint_temperature=1.0, marginal_temperature=0.5,
+                               gamma=0.3, scheduler=scheduler), (1.0, 3.0, 10.0)),
+        # EluCD's sine schedule alone (temperatures 1): the part of the calibration that helps here
+        "elucd_schedule": (lambda s: cg(_noisy_classifier(), classifier_scale=s, gamma=0.3, scheduler=scheduler),
+                           (1.0, 3.0, 10.0)),
+        "elucd_x0": (lambda s: cg(_noisy_classifier(), classifier_scale=s, joint_temperature=1.0,
+                                  marginal_temperature=0.5, gamma=0.3, classifier_input="x0", scheduler=scheduler),
+                     (0.1, 0.3, 1.0)),  # the x0 gradient of a clean classifier is steep: 3 already wrecks the samples
+        "ppap": (lambda s: cg(_ppap("experts"), classifier_scale=s, scheduler=scheduler), (1.0, 3.0, 10.0)),
+        "ppap_single": (lambda s: cg(_ppap("single"), classifier_scale=s, scheduler=scheduler), (1.0, 3.0, 10.0)),
+        # GFCG: the reference class's prediction as the negative branch, scale from the classifier (no gradient);
+        # alone (NFE 40, like CFG) and on top of CFG 3 (NFE 60)
+        "gfcg": (lambda s: fc.GradientFreeClassifierGuidance(_noisy_classifier(), gfcg_scale=s, scheduler=scheduler),
+                 (1.0, 3.0, 8.0)),
+        "gfcg_cfg3": (lambda s: fc.GradientFreeClassifierGuidance(_noisy_classifier(), gfcg_scale=s, guidance_scale=3.0,
+                                                                  scheduler=scheduler), (1.0, 3.0)),
+        # dynamic CFG: per sample and step, the smallest candidate scale in {1, 2, 3, 5, 8} up to `scale` whose x0
+        # estimate the noisy classifier (at t = 0) gives >= 0.999 to the target, else the most convincing one
+        "dynamic_cfg": (lambda s: fc.DynamicCFG(_noisy_classifier(), scales=[c for c in (1.0, 2.0, 3.0, 5.0, 8.0) if c <= s],
+                                                threshold=0.999, scheduler=scheduler), (3.0, 8.0)),
         "fdg": (lambda s: fg.FrequencyDecoupledGuidance(guidance_scales=[s, max(s / 2, 1.0)], parallel_weights=[1.0, 1.0]),
                 (3.0, 8.0)),
         # Adaptive Guidance with its defaults (cosine of the x0 estimates), and in the prediction (epsilon) space
@@ -93,8 +119,16 @@ def _methods(scheduler=None, pipe=None):
 
 # sampled with the null class; accuracy is then against the target digits of guiders that take one
 # (classifier guidance), undefined (nan) otherwise
-UNCONDITIONAL = ("pag_uncond", "classifier")
+UNCONDITIONAL = ("pag_uncond", "classifier", "elucd", "elucd_schedule", "elucd_x0", "ppap", "ppap_single")
 _CLASSIFIER = []
+_PPAP = {}
+
+
+def _ppap(kind):
+    if kind not in _PPAP:
+        from . import ppap_classifier
+        _PPAP[kind] = ppap_classifier(kind)
+    return _PPAP[kind]
 
 
 def _noisy_classifier():
@@ -211,8 +245,8 @@ def add_arguments(p):
     p.add_argument("--samples", type=int, default=None, help="samples per (method, scale) point")
     p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20, DDIM)")
     p.add_argument("--methods", default=None, help="comma-separated subset (default: all): cfg, cfg_rescale, apg, apg_x0, "
-                   "cfg_zero_star, cfg_zero_star_init, pag_uncond, pag, classifier, fdg, ag, ag_prediction, interval, "
-                   "first_steps, linear_ag")
+                   "cfg_zero_star, cfg_zero_star_init, pag_uncond, pag, classifier, elucd, elucd_schedule, elucd_x0, ppap, ppap_single, gfcg, "
+                   "gfcg_cfg3, dynamic_cfg, fdg, ag, ag_prediction, interval, first_steps, linear_ag")
     p.add_argument("--scales", default=None, help="comma-separated scales for every method (default: per method)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--csv", metavar="PATH", help="write the rows as CSV")

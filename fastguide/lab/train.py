@@ -1,11 +1,14 @@
 """`python -m fastguide.lab train`: reproduce the lab's weights from seed (CPU, minutes).
 
-Three models, each trained from `data.load("train")` only:
+The models, each trained from `data.load("train")` only:
   * the diffusion UNet: epsilon prediction, cosine schedule, 15% condition dropout to the null class so
     CFG works, AdamW, EMA (with warm-up) -- saved after `--steps` and at `--early-steps` (a weaker model);
   * the noise-conditional classifier p(y | x_t, t) for classifier guidance (timesteps uniform in 0..999);
   * the evaluation classifier: scikit-learn's MLPClassifier on the clean training digits, tested on the
-    held-out split.
+    held-out split;
+  * PPAP's demonstration (`--ppap-steps`, 0 skips it; `--only-ppap` retrains just these): three small noisy
+    classifiers, one per timestep range, distilled without labels from the noise-conditional classifier read on
+    clean images, and one classifier of the same size for every timestep (the baseline).
 Writes safetensors files (tensors + a little metadata: steps, seed, held-out scores) to `--out`.
 """
 import argparse
@@ -110,6 +113,58 @@ def train_noisy_classifier(out, steps, seed, batch=256, lr=1e-3, log=print):
     return {"noisy_classifier_steps": steps, "noisy_classifier_heldout_accuracy_by_t": acc}
 
 
+def _train_ranged(clf, lo, hi, steps, teacher, sched, x0_all, g, batch=256, lr=1e-3):
+    """Fit `clf` (a NoisyClassifier) on timesteps in [lo, hi) to the teacher's soft predictions on the clean
+    image: PPAP's data-free knowledge transfer, no labels used."""
+    opt = torch.optim.AdamW(clf.parameters(), lr=lr, weight_decay=1e-4)
+    for _ in range(steps):
+        x0 = x0_all[torch.randint(0, len(x0_all), (batch,), generator=g)]
+        with torch.no_grad():
+            target = torch.softmax(teacher(x0, torch.zeros(batch, dtype=torch.int64)), dim=-1)
+        t = torch.randint(lo, hi, (batch,), generator=g)
+        xt = sched.add_noise(x0, torch.randn(x0.shape, generator=g), t)
+        loss = F.cross_entropy(clf(xt, t), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+def train_ppap(out, steps, seed, teacher, log=print):
+    """PPAP's multi-expert guidance ("Towards Practical Plug-and-Play Diffusion Models"): one small noisy
+    classifier per timestep range of models.PPAP_BOUNDARIES, each distilled for `steps` steps from `teacher`
+    (an off-the-shelf classifier read on clean images: the shipped noisy classifier at t = 0) without labels;
+    and the baseline, one classifier of the same size trained as long as all experts together on every
+    timestep. Held-out accuracy (against the true labels) per timestep is logged and stored."""
+    from diffusers import DDPMScheduler
+    torch.manual_seed(seed)
+    x0_all, _ = data.load("train")
+    sched = DDPMScheduler(**models.SCHEDULER_CONFIG)
+    b = models.PPAP_BOUNDARIES
+    experts = models.MultiExpertClassifier(b)
+    single = models.MultiExpertClassifier((0, sched.config.num_train_timesteps))
+    g = torch.Generator().manual_seed(seed + 3)
+    t0 = time.time()
+    for i, expert in enumerate(experts.experts):
+        _train_ranged(expert, b[i], b[i + 1], steps, teacher, sched, x0_all, g)
+    _train_ranged(single.experts[0], 0, sched.config.num_train_timesteps, steps * len(experts.experts), teacher, sched,
+                  x0_all, g)
+    x0, y = data.load("heldout")
+    acc = {"experts": {}, "single": {}}
+    with torch.no_grad():
+        for tv in (0, 100, 300, 500, 700, 900):
+            t = torch.full((len(x0),), tv)
+            xt = sched.add_noise(x0, torch.randn(x0.shape, generator=g), t)
+            for name, clf in (("experts", experts), ("single", single)):
+                acc[name][tv] = round((clf(xt, t).argmax(1) == y).float().mean().item(), 3)
+    log(f"  PPAP: {len(experts.experts)} experts x {steps} steps (boundaries {b}) and one single classifier: held-out "
+        f"accuracy by timestep {acc} ({time.time() - t0:.0f} s)")
+    for name, clf in (("experts", experts), ("single", single)):
+        _save(clf, os.path.join(out, models.WEIGHTS[f"ppap_{name}"]), steps=steps, seed=seed,
+              heldout_accuracy_by_t=json.dumps(acc[name]))
+    return {"ppap_expert_steps": steps, "ppap_boundaries": list(b), "ppap_heldout_accuracy_by_t": acc,
+            "ppap_seconds": round(time.time() - t0, 1)}
+
+
 def train_eval_classifier(out, seed, log=print):
     from sklearn.neural_network import MLPClassifier
     x_tr, y_tr = data.load("train")
@@ -136,6 +191,10 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=3000, help="diffusion UNet training steps (default 3000)")
     p.add_argument("--early-steps", type=int, default=500, help="step of the early checkpoint (default 500)")
     p.add_argument("--classifier-steps", type=int, default=3000, help="noisy classifier steps (default 3000)")
+    p.add_argument("--ppap-steps", type=int, default=1500,
+                   help="steps per PPAP expert (default 1500; the single baseline gets experts x steps); 0 skips them")
+    p.add_argument("--only-ppap", action="store_true",
+                   help="train only PPAP's classifiers (from the noisy classifier already in --out)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     a = p.parse_args(argv)
@@ -145,12 +204,23 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     os.makedirs(a.out, exist_ok=True)
     t0 = time.time()
-    summary = {"seed": a.seed, "torch": torch.__version__}
-    summary.update(train_eval_classifier(a.out, a.seed))
-    summary.update(train_noisy_classifier(a.out, a.classifier_steps, a.seed))
-    summary.update(train_unet(a.out, a.steps, a.early_steps, a.seed))
-    summary["total_seconds"] = round(time.time() - t0, 1)
-    with open(os.path.join(a.out, "train_summary.json"), "w") as f:
+    path = os.path.join(a.out, "train_summary.json")
+    if a.only_ppap:
+        if a.ppap_steps <= 0:
+            p.error("--only-ppap needs --ppap-steps > 0")
+        with open(path) as f:
+            summary = json.load(f)
+    else:
+        summary = {"seed": a.seed, "torch": torch.__version__}
+        summary.update(train_eval_classifier(a.out, a.seed))
+        summary.update(train_noisy_classifier(a.out, a.classifier_steps, a.seed))
+    if a.ppap_steps > 0:
+        from . import noisy_classifier
+        summary.update(train_ppap(a.out, a.ppap_steps, a.seed, noisy_classifier(a.out)))
+    if not a.only_ppap:
+        summary.update(train_unet(a.out, a.steps, a.early_steps, a.seed))
+        summary["total_seconds"] = round(time.time() - t0, 1)
+    with open(path, "w") as f:
         json.dump(summary, f, indent=1)
-    print(f"wrote {sorted(models.WEIGHTS.values())} to {a.out} in {summary['total_seconds']:.0f} s")
+    print(f"wrote the weights to {a.out} in {time.time() - t0:.0f} s")
     return 0
