@@ -1,0 +1,295 @@
+"""Branch-parallel guidance (fastguide.parallel) on gloo: 3 processes spawned once per module (spawn costs
+several seconds each), 2-rank cases on the subgroup {0, 1} (rank 2 computes their single-process references
+meanwhile), 3-rank cases on the whole group. Every collective runs under the group's timeout, the spawn under
+a hard join timeout; leftovers are killed. Each test reads its case's results from the shared run.
+
+Measured rounding (CPU fp32, lab UNet): a rank evaluates its rows in a smaller batch than the single process,
+and the final latents differ by at most ~1e-6 (asserted < 1e-4 here; the measured figures are in
+bench/NOTES.md); ranks are bitwise equal.
+"""
+import datetime
+import os
+import pickle
+import queue
+import socket
+import traceback
+
+import pytest
+import torch
+
+TIMEOUT = 150  # hard limit for the whole spawned run (s)
+GROUP_TIMEOUT = 60  # every collective (s)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Counter:
+    """Counts every torch.distributed collective called (by name)."""
+
+    NAMES = ("all_gather_single", "all_gather_into_tensor", "all_gather", "all_reduce", "broadcast", "barrier",
+             "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "gather", "scatter", "reduce",
+             "all_gather_object", "broadcast_object_list")
+
+    def __init__(self):
+        import torch.distributed as dist
+        self.calls = []
+        for name in self.NAMES:
+            fn = getattr(dist, name, None)
+            if fn is not None:
+                setattr(dist, name, self._wrap(name, fn))
+
+    def _wrap(self, name, fn):
+        def counted(*args, **kwargs):
+            self.calls.append(name)
+            return fn(*args, **kwargs)
+        return counted
+
+    def take(self):
+        out, self.calls = self.calls, []
+        return out
+
+
+def _latents(out):
+    return out.images.detach().clone()
+
+
+def _run_cases(rank, world, results):
+    import time
+    import torch.distributed as dist
+    import fastguide
+    import fastguide.diffusers as fd
+    import fastguide.parallel as fp
+    from fastguide import lab
+    from fastguide.lab.run import _pag_config
+
+    if os.environ.get("FG_DEBUG"):
+        print(f"rank {rank} imported {time.monotonic():.1f}", flush=True)
+    counter = _Counter()
+    pipe = lab.pipeline()
+    pair = dist.new_group([0, 1])  # every rank must create it
+    steps = 8
+
+    def call(guider, labels, seed=0, n=steps):
+        g = torch.Generator().manual_seed(seed)
+        return pipe(class_labels=labels, num_inference_steps=n, generator=g, guider=guider, output_type="latent")
+
+    def cfg(**kw):
+        return fd.ClassifierFreeGuidance(guidance_scale=3.0, **kw)
+
+    def ag():  # x0-space AG: switches samples at different steps of an 8-step run (partial steps)
+        return cfg(adaptive=fastguide.AG(0.9), scheduler=pipe.scheduler)
+
+    def pag():
+        return fd.PerturbedAttentionGuidance(guidance_scale=3.0, perturbed_guidance_scale=2.0,
+                                             perturbed_guidance_start=0.0, perturbed_guidance_stop=1.0,
+                                             perturbed_guidance_config=_pag_config())
+
+    two = [("cfg2", cfg, [3, 7, 1]), ("ag2", ag, [0, 1, 2, 3, 4, 5]), ("pag2", pag, [3, 7, 1])]
+    three = [("cfg3", cfg, [2, 5]), ("ag3", ag, [0, 1, 2, 3, 4, 5]), ("pag3", pag, [4, 8]), ("idle3", cfg, [6])]
+
+    def parallel(name, make, labels, group):
+        if os.environ.get("FG_DEBUG"):
+            print(f"rank {rank} {name} {time.monotonic():.1f}", flush=True)
+        guider = fp.distribute(make(), group=group)
+        counter.take()
+        out = call(guider, labels)
+        results[name] = dict(latents=_latents(out), calls=counter.take(), report=guider.parallel_report,
+                             nfe=out.nfe, ag=getattr(guider, "report", None))
+
+    def single(name, make, labels):
+        guider = make()
+        out = call(guider, labels)
+        results[name + "/single"] = dict(latents=_latents(out), nfe=out.nfe, ag=getattr(guider, "report", None))
+
+    for name, make, labels in two:
+        if rank < 2:
+            parallel(name, make, labels, pair)
+        else:
+            single(name, make, labels)
+    for name, make, labels in three:
+        parallel(name, make, labels, None)
+    if rank == 0:
+        for name, make, labels in three:
+            single(name, make, labels)
+
+    # a rank raising inside the denoiser at step 2 (on the pair, then the whole group)
+    for name, group, members in (("raise2", pair, (0, 1)), ("raise3", None, (0, 1, 2))):
+        if rank not in members:
+            continue
+        inner = boom = None
+        if rank == 1:
+            seen, inner = [], pipe.unet.forward
+
+            def boom(*args, **kwargs):  # rank 1's third denoiser call (one share per step): step 2
+                seen.append(1)
+                if len(seen) == 3:
+                    raise RuntimeError("boom on purpose")
+                return inner(*args, **kwargs)
+            pipe.unet.forward = boom
+        try:
+            call(fp.distribute(cfg(), group=group), [1, 2])
+            results[name] = "no error"
+        except Exception as e:  # noqa: BLE001
+            results[name] = f"{type(e).__name__}: {e}"
+        # the guider's hooks and forward wrapper are gone, the test's own forward is back
+        results[name + "/hooks_left"] = len(pipe.unet._forward_pre_hooks) + (pipe.unet.__dict__.get("forward") is not boom)
+        pipe.unet.__dict__.pop("forward", None)
+
+    if os.environ.get("FG_DEBUG"):
+        print(f"rank {rank} mismatch {time.monotonic():.1f}", flush=True)
+    # mismatched settings at the first step: seed (the latents pass through the lab pipeline's guider), steps
+    if rank < 2:
+        for name, kw in (("seed", dict(seed=rank)), ("steps", dict(n=steps + rank)),
+                         ("scale", dict())):
+            guider = fp.distribute(fd.ClassifierFreeGuidance(guidance_scale=3.0 + (rank if name == "scale" else 0)),
+                                   group=pair)
+            try:
+                call(guider, [1, 2], **kw)
+                results["mismatch/" + name] = "no error"
+            except Exception as e:  # noqa: BLE001
+                results["mismatch/" + name] = f"{type(e).__name__}: {e}"
+
+
+def _worker(rank, world, port, out_q):
+    if os.environ.get("FG_DEBUG"):
+        import time
+        print(f"rank {rank} started {time.monotonic():.1f}", flush=True)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    results = {}
+    try:
+        import torch.distributed as dist
+        dist.init_process_group("gloo", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=GROUP_TIMEOUT))
+        _run_cases(rank, world, results)
+        out_q.put(pickle.dumps((rank, results, None)))  # bytes: tensors through a Queue need a live sender
+    except BaseException:  # noqa: BLE001
+        out_q.put(pickle.dumps((rank, results, traceback.format_exc())))
+    finally:
+        try:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+@pytest.fixture(scope="module")
+def runs():
+    import time
+    import torch.multiprocessing as mp
+    # forkserver: a fresh interpreter imports torch / diffusers / fastguide ONCE (the bulk of the start-up on a
+    # loaded 2-core box), then forks the ranks from it; nothing of this pytest process is inherited.
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "diffusers", "fastguide.diffusers", "fastguide.parallel",
+                                "fastguide.lab.digits", "fastguide.lab.run"])
+    q = ctx.Queue()
+    world, port = 3, _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, q), daemon=True) for r in range(world)]
+    saved = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"  # read by the forkserver when it starts
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        if saved is None:
+            os.environ.pop("OMP_NUM_THREADS")
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved
+    got, deadline = {}, time.monotonic() + TIMEOUT
+    try:
+        while len(got) < world:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                rank, results, err = pickle.loads(q.get(timeout=left))
+            except queue.Empty:
+                break
+            got[rank] = (results, err)
+        for p in procs:
+            p.join(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+    missing = sorted(set(range(world)) - set(got))
+    assert not missing, f"ranks {missing} did not report within {TIMEOUT} s"
+    errors = {r: e for r, (_, e) in got.items() if e}
+    assert not errors, f"ranks failed: {errors}"
+    return [got[r][0] for r in range(world)]
+
+
+@pytest.mark.parametrize("case,ranks", [("cfg2", 2), ("ag2", 2), ("pag2", 2), ("cfg3", 3), ("ag3", 3), ("pag3", 3),
+                                        ("idle3", 3)])
+def test_ranks_bitwise_equal_and_match_single_process(runs, case, ranks):
+    outs = [runs[r][case] for r in range(ranks)]
+    single = runs[2 if ranks == 2 else 0][case + "/single"]
+    for o in outs[1:]:
+        assert torch.equal(o["latents"], outs[0]["latents"])  # bitwise
+    diff = (outs[0]["latents"] - single["latents"]).abs().max().item()
+    assert diff < 1e-4, f"{case}: parallel vs single process differ by {diff}"
+    # every row evaluated exactly once across the ranks
+    assert sum(o["report"].rows for o in outs) == single["nfe"]
+    print(f"{case}: max |parallel - single| = {diff:.3g}")
+
+
+def test_ag_switches_mid_run_and_ranks_rebalance(runs):
+    for case in ("ag2", "ag3"):
+        ag = runs[0][case]["ag"]
+        switched = [s for s in ag.ag_switch_step if s is not None]
+        # some samples switch before the end, at different steps: partial steps were split across ranks
+        assert switched and len(set(switched)) > 1, ag.ag_switch_step
+        assert ag.ag_switch_step == runs[2 if case == "ag2" else 0][case + "/single"]["ag"].ag_switch_step
+        assert ag.nfe_skipped > 0
+        rows = [runs[r][case]["report"].rows for r in range(2 if case == "ag2" else 3)]
+        assert max(rows) - min(rows) <= 8  # at most one row apart per step
+
+
+def test_pag_three_branches_split_rows_over_two_ranks(runs):
+    # 3 branches x 3 samples = 9 rows per step, split 5 / 4; at step 0 diffusers' PAG window (start < step)
+    # leaves 2 branches: 3 / 3
+    assert [runs[r]["pag2"]["report"].rows for r in (0, 1)] == [3 + 5 * 7, 3 + 4 * 7]
+
+
+def test_idle_rank_is_reported(runs):
+    for r in range(3):
+        assert runs[r]["idle3"]["report"].idle == [(s, [2]) for s in range(8)]
+    assert runs[2]["idle3"]["report"].rows == 0
+
+
+@pytest.mark.parametrize("case,ranks", [("cfg2", 2), ("pag2", 2), ("ag3", 3)])
+def test_one_collective_per_step(runs, case, ranks):
+    """N steps: N data exchanges plus the first step's header exchange; no other collective."""
+    for r in range(ranks):
+        calls = runs[r][case]["calls"]
+        assert len(calls) == 8 + 1 and set(calls) <= {"all_gather_single", "all_gather_into_tensor"}, calls
+        assert runs[r][case]["report"].collectives == 9
+
+
+@pytest.mark.parametrize("case,members", [("raise2", (0, 1)), ("raise3", (0, 1, 2))])
+def test_a_rank_raising_makes_every_rank_raise_naming_it(runs, case, members):
+    for r in members:
+        msg = runs[r][case]
+        assert msg.startswith("ParallelError") and "rank 1 failed at step 2" in msg and "boom on purpose" in msg, msg
+        assert runs[r][case + "/hooks_left"] == 0
+
+
+@pytest.mark.parametrize("name,what", [("seed", "guider inputs"), ("steps", "schedule"), ("scale", "guider settings")])
+def test_mismatched_settings_raise_at_the_first_step(runs, name, what):
+    for r in (0, 1):
+        msg = runs[r]["mismatch/" + name]
+        assert msg.startswith("ParallelError") and "step 0" in msg and what in msg, msg
+
+
+def test_plan_shares():
+    from fastguide.parallel import plan
+    assert plan([4, 4], 2) == [[(0, 0, 4)], [(1, 0, 4)]]  # CFG on 2 ranks: whole branches
+    assert plan([3, 3, 3], 2) == [[(0, 0, 3), (1, 0, 2)], [(1, 2, 3), (2, 0, 3)]]
+    assert plan([4, 1], 2) == [[(0, 0, 3)], [(0, 3, 4), (1, 0, 1)]]  # AG left one uncond row
+    assert plan([1, 1], 3) == [[(0, 0, 1)], [(1, 0, 1)], []]  # B = 1 on 3 ranks: one idle
