@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-__all__ = ["ParallelError", "ParallelReport", "distribute", "undistribute", "init_from_env", "plan", "guard",
+__all__ = ["ParallelError", "ParallelReport", "RowSplit", "distribute", "undistribute", "init_from_env", "plan", "guard",
            "HEADER_BYTES"]
 
 HEADER_BYTES = 512
@@ -320,6 +320,106 @@ class _State:
         self.forward = None
         self.warned_idle = False
 
+    def device(self, preds):
+        if preds:
+            return preds[0].device
+        backend = dist.get_backend(self.ex.group)
+        return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+    def handshake(self, preds, status=_OK, text=""):
+        """The first step's header-only exchange: the row shape every rank will use, and the settings."""
+        p = self
+        q = preds[0] if preds else None
+        head = _Exchange.header(status, p.step, p.fps or [0, 0, 0, 0], sum(t.shape[0] for t in preds),
+                                q.dtype if q is not None else None, tuple(q.shape[1:]) if q is not None else (), text)
+        device = self.device(preds)
+        slots = p.ex.gather(head.to(device), HEADER_BYTES, device, p.step, p.report)
+        heads = p.ex.headers(slots)
+        self.check(heads)
+        shapes = {(h["dtype"], h["row_shape"]) for h in heads if h["nrows"] > 0}
+        if len(shapes) != 1:
+            raise ParallelError(f"fastguide.parallel: ranks predict different row shapes / dtypes at step {p.step}: "
+                                f"{[(r, str(h['dtype']), h['row_shape']) for r, h in enumerate(heads)]}")
+        p.shape = shapes.pop()
+
+    def check(self, heads):
+        p = self
+        failed = [(r, h) for r, h in enumerate(heads) if h["status"] != _OK]
+        if failed:
+            r, h = failed[0]
+            raise ParallelError(f"fastguide.parallel: rank {r} failed at step {h['step']}: {h['text']}")
+        for i, name in enumerate(_FP_NAMES):
+            values = [h["fps"][i] for h in heads]
+            if len(set(values)) > 1:
+                groups = {}
+                for r, v in enumerate(values):
+                    groups.setdefault(v, []).append(r)
+                raise ParallelError(f"fastguide.parallel: ranks disagree at step {p.step} on the {name}: ranks "
+                                    f"{list(groups.values())} differ; every rank must make the same pipeline call "
+                                    f"(seed, num_inference_steps, guidance, batch)")
+
+    def exchange(self, preds):
+        p = self
+        if p.shape is None:
+            self.handshake(preds)
+        dtype, row_shape = p.shape
+        row_bytes = torch.empty((), dtype=dtype).element_size()
+        for d in row_shape:
+            row_bytes *= d
+        for q in preds:
+            if q.dtype != dtype or tuple(q.shape[1:]) != row_shape:
+                self.fail(ValueError(f"prediction {str(q.dtype)} {tuple(q.shape)} differs from the trajectory's "
+                                      f"{str(dtype)} rows of {row_shape}"))
+        rows_max = max(sum(hi - lo for _, lo, hi in s) for s in p.shares)
+        slot = HEADER_BYTES + rows_max * row_bytes
+        device = self.device(preds)
+        mine = sum(q.shape[0] for q in preds)
+        head = _Exchange.header(_OK, p.step, p.fps, mine, dtype, row_shape)
+        if preds:
+            body = torch.cat([q.contiguous() for q in preds]).reshape(-1).view(torch.uint8)
+            payload = torch.cat([head.to(device), body])
+        else:
+            payload = head.to(device)
+        slots = p.ex.gather(payload, slot, device, p.step, p.report)
+        self.check(p.ex.headers(slots))
+        pieces = [[] for _ in p.sizes]
+        for r, share in enumerate(p.shares):
+            off = HEADER_BYTES
+            for k, lo, hi in share:
+                n = (hi - lo) * row_bytes
+                pieces[k].append(slots[r, off:off + n].view(dtype).view(hi - lo, *row_shape))
+                off += n
+        return [torch.cat(ps) if len(ps) > 1 else ps[0].clone() for ps in pieces]
+
+    def fail(self, exc):
+        """Join this step's exchange with an error status so every rank raises naming this one."""
+        p = self
+        if isinstance(exc, ParallelError) or getattr(p, "failing", False):
+            return
+        p.failing = True
+        text = f"{type(exc).__name__}: {exc}"
+        try:
+            device = self.device([])
+            if p.shape is None:
+                head = _Exchange.header(_ERROR, p.step if p.step is not None else -1, [0, 0, 0, 0], text=text)
+                p.ex.gather(head.to(device), HEADER_BYTES, device, p.step, p.report)
+            elif p.shares is not None:
+                dtype, row_shape = p.shape
+                row_bytes = torch.empty((), dtype=dtype).element_size()
+                for d in row_shape:
+                    row_bytes *= d
+                rows_max = max(sum(hi - lo for _, lo, hi in s) for s in p.shares)
+                head = _Exchange.header(_ERROR, p.step, [0, 0, 0, 0], text=text)
+                p.ex.gather(head.to(device), HEADER_BYTES + rows_max * row_bytes, device, p.step, p.report)
+            else:
+                _record_failure(exc)
+        except ParallelError:
+            pass
+        finally:
+            p.failing = False
+            p.shape = None  # the trajectory is over: the next one starts with a handshake
+        raise ParallelError(f"fastguide.parallel: rank {p.ex.rank} failed at step {p.step}: {text}") from exc
+
 
 class _BranchParallel:
     """Mixed in front of a guider's class by `distribute` (see the module docstring)."""
@@ -394,7 +494,7 @@ class _BranchParallel:
                 p.report.rows += hi - lo
             return local
         except BaseException as e:
-            self._fail(e)
+            self._par.fail(e)
             raise
 
     def prepare_models(self, denoiser):
@@ -433,7 +533,7 @@ class _BranchParallel:
                         super(_BranchParallel, self).cleanup_models(denoiser)
                     except Exception:  # noqa: BLE001 - the original error is the one to report
                         pass
-                    self._fail(e)
+                    self._par.fail(e)
                     raise
 
             p.forward = (denoiser, own)
@@ -476,9 +576,9 @@ class _BranchParallel:
                 raise ValueError(f"fastguide.parallel: the branch predictions differ in dtype / shape / device: "
                                  f"{[(q.dtype, tuple(q.shape), str(q.device)) for q in preds]}")
         except BaseException as e:
-            self._fail(e)
+            self._par.fail(e)
             raise
-        full = self._exchange(preds)
+        full = p.exchange(preds)
         if p.sample is not None and hasattr(self, "_sample"):
             self._sample = p.sample
         elif getattr(self, "_wants_sample", lambda: False)() and not p.local:
@@ -487,106 +587,74 @@ class _BranchParallel:
                                 f"use a batch of at least {p.ex.world} rows in all")
         return self.forward(**dict(zip(p.names, full)))
 
-    # -- the exchange --------------------------------------------------------------------------------
-    def _device(self, preds):
-        if preds:
-            return preds[0].device
-        backend = dist.get_backend(self._par.ex.group)
-        return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+class RowSplit:
+    """The classic route (`fastguide.enable(pipe, ..., parallel=True)`): the enabled pipeline's batched denoiser
+    call ([uncond, cond], or the rows AG / the interval keep) is cut into `world` contiguous row shares; each
+    rank runs its share and ONE all-gather per call rebuilds the full prediction on every rank, which the
+    guidance then combines identically everywhere. The first call with a new input shape adds the header
+    exchange (the output's row shape: a rank that is idle or fails must still join with the right size)."""
 
-    def _handshake(self, preds, status=_OK, text=""):
-        """The first step's header-only exchange: the row shape every rank will use, and the settings."""
-        p = self._par
-        q = preds[0] if preds else None
-        head = _Exchange.header(status, p.step, p.fps or [0, 0, 0, 0], sum(t.shape[0] for t in preds),
-                                q.dtype if q is not None else None, tuple(q.shape[1:]) if q is not None else (), text)
-        device = self._device(preds)
-        slots = p.ex.gather(head.to(device), HEADER_BYTES, device, p.step, p.report)
-        heads = p.ex.headers(slots)
-        self._check(heads)
-        shapes = {(h["dtype"], h["row_shape"]) for h in heads if h["nrows"] > 0}
-        if len(shapes) != 1:
-            raise ParallelError(f"fastguide.parallel: ranks predict different row shapes / dtypes at step {p.step}: "
-                                f"{[(r, str(h['dtype']), h['row_shape']) for r, h in enumerate(heads)]}")
-        p.shape = shapes.pop()
+    def __init__(self, group=None):
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("fastguide.enable(parallel=...): no process group; call "
+                               "fastguide.parallel.init_from_env() (under torchrun) first")
+        self.state = _State(group)
+        self.shapes = {}     # (input row shape, dtype) -> the output's (dtype, row shape)
+        self.template = None  # the last output, for an idle rank to return the gathered prediction in
 
-    def _check(self, heads):
-        p = self._par
-        failed = [(r, h) for r, h in enumerate(heads) if h["status"] != _OK]
-        if failed:
-            r, h = failed[0]
-            raise ParallelError(f"fastguide.parallel: rank {r} failed at step {h['step']}: {h['text']}")
-        for i, name in enumerate(_FP_NAMES):
-            values = [h["fps"][i] for h in heads]
-            if len(set(values)) > 1:
-                groups = {}
-                for r, v in enumerate(values):
-                    groups.setdefault(v, []).append(r)
-                raise ParallelError(f"fastguide.parallel: ranks disagree at step {p.step} on the {name}: ranks "
-                                    f"{list(groups.values())} differ; every rank must make the same pipeline call "
-                                    f"(seed, num_inference_steps, guidance, batch)")
+    @property
+    def report(self):
+        return self.state.report
 
-    def _exchange(self, preds):
-        p = self._par
-        if p.shape is None:
-            self._handshake(preds)
-        dtype, row_shape = p.shape
-        row_bytes = torch.empty((), dtype=dtype).element_size()
-        for d in row_shape:
-            row_bytes *= d
-        for q in preds:
-            if q.dtype != dtype or tuple(q.shape[1:]) != row_shape:
-                self._fail(ValueError(f"prediction {str(q.dtype)} {tuple(q.shape)} differs from the trajectory's "
-                                      f"{str(dtype)} rows of {row_shape}"))
-        rows_max = max(sum(hi - lo for _, lo, hi in s) for s in p.shares)
-        slot = HEADER_BYTES + rows_max * row_bytes
-        device = self._device(preds)
-        mine = sum(q.shape[0] for q in preds)
-        head = _Exchange.header(_OK, p.step, [*p.fps[:3], 0], mine, dtype, row_shape)
-        if preds:
-            body = torch.cat([q.contiguous() for q in preds]).reshape(-1).view(torch.uint8)
-            payload = torch.cat([head.to(device), body])
-        else:
-            payload = head.to(device)
-        slots = p.ex.gather(payload, slot, device, p.step, p.report)
-        self._check(p.ex.headers(slots))
-        pieces = [[] for _ in p.sizes]
-        for r, share in enumerate(p.shares):
-            off = HEADER_BYTES
-            for k, lo, hi in share:
-                n = (hi - lo) * row_bytes
-                pieces[k].append(slots[r, off:off + n].view(dtype).view(hi - lo, *row_shape))
-                off += n
-        return [torch.cat(ps) if len(ps) > 1 else ps[0].clone() for ps in pieces]
+    def wrap(self, forward, guidance):
+        """`forward` (the denoiser) as a function that runs this rank's rows and gathers all of them.
+        guidance: the enabled pipeline's `_Guidance` (step, settings) for the settings check."""
+        from .pipelines import _prediction, _with_prediction
+        from .diffusers import _batched_rows
+        p = self.state
 
-    def _fail(self, exc):
-        """Join this step's exchange with an error status so every rank raises naming this one."""
-        p = self._par
-        if isinstance(exc, ParallelError) or getattr(p, "failing", False):
-            return
-        p.failing = True
-        text = f"{type(exc).__name__}: {exc}"
-        try:
-            device = self._device([])
-            if p.shape is None:
-                head = _Exchange.header(_ERROR, p.step if p.step is not None else -1, [0, 0, 0, 0], text=text)
-                p.ex.gather(head.to(device), HEADER_BYTES, device, p.step, p.report)
-            elif p.shares is not None:
-                dtype, row_shape = p.shape
-                row_bytes = torch.empty((), dtype=dtype).element_size()
-                for d in row_shape:
-                    row_bytes *= d
-                rows_max = max(sum(hi - lo for _, lo, hi in s) for s in p.shares)
-                head = _Exchange.header(_ERROR, p.step, [0, 0, 0, 0], text=text)
-                p.ex.gather(head.to(device), HEADER_BYTES + rows_max * row_bytes, device, p.step, p.report)
-            else:
-                _record_failure(exc)
-        except ParallelError:
-            pass
-        finally:
-            p.failing = False
-            p.shape = None  # the trajectory is over: the next one starts with a handshake
-        raise ParallelError(f"fastguide.parallel: rank {p.ex.rank} failed at step {p.step}: {text}") from exc
+        def run(*args, **kwargs):
+            x = _sample_arg(args, kwargs)
+            if x is None:
+                raise ValueError("fastguide.enable(parallel=...): the denoiser call has no sample tensor (first "
+                                 "positional argument, sample= or hidden_states=)")
+            n = x.shape[0]
+            step = guidance.step
+            if step <= 0 and (p.step is None or p.step > 0 or step < 0):
+                p.report = ParallelReport()
+            p.step = step
+            p.report.steps = step + 1
+            p.sizes, p.shares = [n], plan([n], p.ex.world)
+            key = (tuple(x.shape[1:]), x.dtype)  # the output rows follow the input rows, whatever their number
+            p.shape = self.shapes.get(key)
+            p.fps = [_digest(type(guidance.pipe).__name__, guidance.guidance, sorted(guidance.params.items())),
+                     _digest(step, guidance.last_t), _digest(n),
+                     _digest(*_tensors([list(args), kwargs])) if step == 0 else 0]
+            pieces = p.shares[p.ex.rank]
+            if not pieces:
+                p.report.idle.append((step, [r for r, sh in enumerate(p.shares) if not sh]))
+            out, preds = None, []
+            if pieces:
+                _, lo, hi = pieces[0]
+                rows = torch.arange(lo, hi)
+                try:
+                    out = forward(*_batched_rows(args, n, rows), **_batched_rows(kwargs, n, rows))
+                except BaseException as e:
+                    p.fail(e)
+                    raise
+                preds = [_prediction(out)]
+                p.report.rows += hi - lo
+            full = p.exchange(preds)[0]
+            self.shapes[key] = p.shape
+            if out is None:
+                if self.template is None:
+                    raise ParallelError(f"fastguide.parallel: rank {p.ex.rank} is idle at step {step} ({n} rows for "
+                                        f"{p.ex.world} ranks) before any call gave it an output to fill")
+                out = self.template
+            self.template = out
+            return _with_prediction(out, full)
+
+        return run
 
 
 _CLASSES = {}
