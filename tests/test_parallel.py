@@ -116,6 +116,38 @@ def _run_cases(rank, world, results):
         for name, make, labels in three:
             single(name, make, labels)
 
+    # the raw guider protocol as modular pipelines drive it: the latents go to the denoiser directly (full batch,
+    # reduced to each share by the guider's pre-hook), only the embeddings through prepare_inputs. Sample 0's
+    # two embeddings are equal, so AG (prediction space) switches it at step 0: partial steps from step 1.
+    class Toy(torch.nn.Module):
+        def forward(self, sample, t, emb=None):
+            return torch.tanh(sample * emb[:, :, None, None] + 1e-4 * t)
+
+    def raw(guider):
+        g = torch.Generator().manual_seed(3)
+        x = torch.randn(3, 4, 5, 5, generator=g)
+        cond = torch.randn(3, 4, generator=g)
+        uncond = torch.cat([cond[:1], torch.randn(2, 4, generator=g)])
+        toy = Toy()
+        for i in range(6):
+            guider.set_state(step=i, num_inference_steps=6, timestep=torch.tensor(900.0 - 150 * i))
+            batches = guider.prepare_inputs({"emb": (cond, uncond)})
+            for b in batches:
+                guider.prepare_models(toy)
+                b.noise_pred = toy(x, torch.tensor(900.0 - 150 * i), emb=b.emb)
+                guider.cleanup_models(toy)
+            x = x - 0.2 * guider(batches).pred
+        return x, guider.report
+
+    make_raw = lambda: fd.ClassifierFreeGuidance(guidance_scale=2.0, adaptive=fastguide.AG(0.9999, space="prediction"))  # noqa: E731
+    if rank < 2:
+        guider = fp.distribute(make_raw(), group=pair)
+        x, rep = raw(guider)
+        results["raw"] = dict(x=x, ag=rep, rows=guider.parallel_report.rows)
+    else:
+        x, rep = raw(make_raw())
+        results["raw/single"] = dict(x=x, ag=rep)
+
     # the classic route: fastguide.enable(pipe, ..., parallel=group) on a tiny random-weight SD pipeline
     from test_pipelines import inputs, make_sd
     sd_cases = [("sd_cfg2", dict(guidance="cfg", scale=5.0), 2),
@@ -270,6 +302,16 @@ def test_ag_switches_mid_run_and_ranks_rebalance(runs):
         assert ag.nfe_skipped > 0
         rows = [runs[r][case]["report"].rows for r in range(2 if case == "ag2" else 3)]
         assert max(rows) - min(rows) <= 8  # at most one row apart per step
+
+
+def test_raw_guider_with_latents_passed_to_the_denoiser_directly(runs):
+    single = runs[2]["raw/single"]
+    assert single["ag"].ag_switch_step == [0, None, None]  # partial steps (uncond rows [1, 2]) from step 1
+    for r in (0, 1):
+        assert torch.equal(runs[r]["raw"]["x"], single["x"])  # an elementwise toy: no batch rounding at all
+        assert runs[r]["raw"]["ag"].ag_switch_step == [0, None, None]
+    # 6 rows at step 0 (3 / 3), then 3 cond + 2 uncond rows (3 / 2)
+    assert [runs[r]["raw"]["rows"] for r in (0, 1)] == [3 + 3 * 5, 3 + 2 * 5]
 
 
 def test_pag_three_branches_split_rows_over_two_ranks(runs):
