@@ -263,9 +263,9 @@ class _Exchange:
 
     @staticmethod
     def parse(raw):
-        f = raw[:8 * _FIELDS].cpu().view(torch.int64).tolist()
+        f = raw[:8 * _FIELDS].view(torch.int64).tolist()
         n = f[9]
-        text = bytes(raw[8 * _FIELDS:8 * _FIELDS + f[18]].cpu().tolist()).decode("utf-8", errors="replace")
+        text = bytes(raw[8 * _FIELDS:8 * _FIELDS + f[18]].tolist()).decode("utf-8", errors="replace")
         return dict(magic=f[0], status=f[1], step=f[2], fps=f[3:7], nrows=f[7],
                     dtype=_DTYPES[f[8]] if f[8] >= 0 else None, row_shape=tuple(f[10:10 + n]), text=text)
 
@@ -287,7 +287,8 @@ class _Exchange:
         return recv.view(self.world, slot)
 
     def headers(self, slots):
-        heads = [self.parse(slots[r, :HEADER_BYTES]) for r in range(self.world)]
+        raw = slots[:, :HEADER_BYTES].cpu()  # one device-to-host copy of the headers
+        heads = [self.parse(raw[r]) for r in range(self.world)]
         for r, h in enumerate(heads):
             if h["magic"] != _MAGIC:
                 raise ParallelError(f"fastguide.parallel: rank {self.rank}: rank {r} sent no fastguide header "
@@ -434,6 +435,8 @@ class _BranchParallel:
     def set_state(self, step, num_inference_steps, timestep):
         super().set_state(step, num_inference_steps, timestep)
         p = self._par
+        if p is None:  # made by guider.new / from_config on the distributed class: single process
+            return
         if step == 0 or p.step is None or step <= p.step:
             p.report = ParallelReport()
             p.shape = None
@@ -443,10 +446,12 @@ class _BranchParallel:
         p.report.steps = step + 1
 
     def prepare_inputs(self, data):
-        return self._share(super().prepare_inputs(data), data)
+        batches = super().prepare_inputs(data)
+        return batches if self._par is None else self._share(batches, data)
 
     def prepare_inputs_from_block_state(self, data, input_fields):
-        return self._share(super().prepare_inputs_from_block_state(data, input_fields), data)
+        batches = super().prepare_inputs_from_block_state(data, input_fields)
+        return batches if self._par is None else self._share(batches, data)
 
     def _share(self, batches, data):
         p = self._par
@@ -499,6 +504,8 @@ class _BranchParallel:
 
     def prepare_models(self, denoiser):
         p = self._par
+        if p is None:
+            return super().prepare_models(denoiser)
         if p.calls >= len(p.local):
             raise RuntimeError(f"fastguide.parallel: prepare_models called {p.calls + 1} times at step {p.step}, "
                                f"for {len(p.local)} batches handed to this rank")
@@ -553,12 +560,16 @@ class _BranchParallel:
             p.forward = None
 
     def cleanup_models(self, denoiser):
+        if self._par is None:
+            return super().cleanup_models(denoiser)
         self._restore(denoiser)
         super().cleanup_models(denoiser)
         self._par.calls += 1
 
     def __call__(self, data):
         p = self._par
+        if p is None:
+            return super().__call__(data)
         try:
             if len(data) != len(p.local):
                 raise ValueError(f"fastguide.parallel: rank {p.ex.rank} got {len(data)} predicted batches at step "
@@ -686,9 +697,13 @@ def distribute(guider, group=None):
     return guider
 
 
+def _base(cls):
+    return next(c for c in cls.__mro__[1:] if c is not _BranchParallel and not issubclass(c, _BranchParallel))
+
+
 def undistribute(guider):
     """The guider back to its own class (single process)."""
     if isinstance(guider, _BranchParallel):
-        guider.__class__ = type(guider).__mro__[2]
+        guider.__class__ = _base(type(guider))
         guider.__dict__.pop("_par", None)
     return guider

@@ -17,6 +17,8 @@ import traceback
 import pytest
 import torch
 
+import fastguide
+
 TIMEOUT = 150  # hard limit for the whole spawned run (s)
 GROUP_TIMEOUT = 60  # every collective (s)
 
@@ -372,3 +374,62 @@ def test_plan_shares():
     assert plan([3, 3, 3], 2) == [[(0, 0, 3), (1, 0, 2)], [(1, 2, 3), (2, 0, 3)]]
     assert plan([4, 1], 2) == [[(0, 0, 3)], [(0, 3, 4), (1, 0, 1)]]  # AG left one uncond row
     assert plan([1, 1], 3) == [[(0, 0, 1)], [(1, 0, 1)], []]  # B = 1 on 3 ranks: one idle
+
+
+# --- in-process checks (no spawn) -----------------------------------------------------------------------
+def test_no_process_group_is_a_clear_error_before_anything_changes(monkeypatch):
+    import torch.distributed as dist
+    import fastguide.diffusers as fd
+    import fastguide.parallel as fp
+    from test_pipelines import make_sd
+    if dist.is_initialized():
+        pytest.skip("a process group is initialised in this process")
+    guider = fd.ClassifierFreeGuidance(guidance_scale=3.0)
+    with pytest.raises(RuntimeError, match="init_from_env"):
+        fp.distribute(guider)
+    assert type(guider) is fd.ClassifierFreeGuidance
+    pipe = make_sd()
+    with pytest.raises(RuntimeError, match="init_from_env"):
+        fastguide.enable(pipe, guidance="cfg", parallel=True)
+    with pytest.raises(TypeError, match="parallel must be"):
+        fastguide.enable(pipe, guidance="cfg", parallel="yes")
+    assert not fastguide.pipelines.is_enabled(pipe)
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(RuntimeError, match="RANK.*torchrun"):
+        fp.init_from_env()
+    with pytest.raises(TypeError, match="BaseGuidance"):
+        fp.distribute(object())
+
+
+@pytest.fixture
+def world1():
+    """A 1-rank gloo group in this process (an in-memory store: no port), destroyed afterwards."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        pytest.skip("a process group is initialised in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=GROUP_TIMEOUT))
+    yield
+    dist.destroy_process_group()
+
+
+def test_distribute_keeps_name_config_and_undistribute_restores(world1, tmp_path):
+    import fastguide.diffusers as fd
+    import fastguide.parallel as fp
+    guider = fd.ClassifierFreeGuidance(guidance_scale=3.0, adaptive=fastguide.AG(0.9, space="prediction"))
+    config = dict(guider.config)
+    fp.distribute(guider)
+    assert type(guider).__name__ == "ClassifierFreeGuidance" and isinstance(guider, fd.ClassifierFreeGuidance)
+    assert dict(guider.config) == config
+    guider.save_pretrained(tmp_path)
+    public = lambda c: {k: v for k, v in dict(c).items() if not k.startswith("_")}  # noqa: E731
+    loaded = fd.ClassifierFreeGuidance.from_pretrained(tmp_path)
+    assert public(loaded.config) == public(config) and type(loaded) is fd.ClassifierFreeGuidance
+    import json
+    assert json.loads((tmp_path / "guider_config.json").read_text())["_class_name"] == "ClassifierFreeGuidance"
+    twin = guider.new(guidance_scale=4.0)  # the distributed class without a group state: single process
+    twin.set_state(step=0, num_inference_steps=2, timestep=torch.tensor(999))
+    assert len(twin.prepare_inputs({"x": (torch.zeros(2, 1), torch.ones(2, 1))})) == 2
+    fp.undistribute(guider)
+    assert type(guider) is fd.ClassifierFreeGuidance and "_par" not in guider.__dict__
