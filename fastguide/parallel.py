@@ -54,6 +54,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -88,6 +89,7 @@ class ParallelReport:
     bytes_sent: int = 0
     rows: int = 0
     idle: list = field(default_factory=list)  # (step, [idle ranks])
+    exchange_s: float = 0.0  # wall time inside the collectives (includes waiting for the slowest rank)
 
 
 # --- process group --------------------------------------------------------------------------------------
@@ -274,6 +276,7 @@ class _Exchange:
         send, recv = self._buffers(slot, device)
         send.zero_()
         send[:payload.numel()].copy_(payload)
+        t0 = time.perf_counter()
         try:
             _all_gather_single(recv, send, group=self.group)
         except Exception as e:  # noqa: BLE001 - timeout or a peer gone: name what we know
@@ -282,6 +285,7 @@ class _Exchange:
                                 f"({type(e).__name__}: {e}); "
                                 + (f"{who}" if who else "a peer rank failed outside the guider's step, left the "
                                    "group, or is not running the same call")) from e
+        report.exchange_s += time.perf_counter() - t0
         report.collectives += 1
         report.bytes_sent += slot
         return recv.view(self.world, slot)
@@ -475,6 +479,14 @@ class _BranchParallel:
                      _digest(batch, sizes),
                      _digest(*_tensors(data)) if p.shape is None else 0]
             idle = [r for r, s in enumerate(shares) if not s]
+            x0 = getattr(self, "_space", None) == "x0" or (skip is not None and skip.adaptive is not None
+                                                           and skip.adaptive.space == "x0")
+            needs_sample = getattr(self, "_needs_sample", False) or (x0 and len(sizes) > 1)  # guided rows only
+            if idle and needs_sample:  # decided alike on every rank from the plan: all raise here, none hangs
+                raise ParallelError(f"fastguide.parallel: step {p.step}: {sum(sizes)} rows for {p.ex.world} ranks "
+                                    f"leave ranks {idle} idle, and {type(self).__name__} needs the denoiser's input "
+                                    f"on every rank (x0 space / classifier); use a batch of at least "
+                                    f"{-(-p.ex.world // len(sizes))} samples or fewer ranks")
             if idle:
                 p.report.idle.append((p.step, idle))
                 if not p.warned_idle and p.ex.rank == 0:
@@ -592,10 +604,6 @@ class _BranchParallel:
         full = p.exchange(preds)
         if p.sample is not None and hasattr(self, "_sample"):
             self._sample = p.sample
-        elif getattr(self, "_wants_sample", lambda: False)() and not p.local:
-            raise ParallelError(f"fastguide.parallel: rank {p.ex.rank} was idle at step {p.step} and "
-                                f"{type(self).__name__} needs the denoiser's input (x0 space / classifier); "
-                                f"use a batch of at least {p.ex.world} rows in all")
         return self.forward(**dict(zip(p.names, full)))
 
 class RowSplit:

@@ -171,6 +171,13 @@ def _run_cases(rank, world, results):
         else:
             results[name + "/single"] = dict(latents=lat, nfe=sd.fastguide_report.nfe)
 
+    # x0-space AG needs the denoiser's input on every rank: B = 1 on 3 ranks leaves one idle -> all raise alike
+    try:
+        call(fp.distribute(ag(), group=None), [4])
+        results["idle_x0"] = "no error"
+    except Exception as e:  # noqa: BLE001
+        results["idle_x0"] = f"{type(e).__name__}: {e}"
+
     # a rank raising inside the denoiser at step 2 (on the pair, then the whole group)
     for name, group, members in (("raise2", pair, (0, 1)), ("raise3", None, (0, 1, 2))):
         if rank not in members:
@@ -350,6 +357,12 @@ def test_mismatched_settings_raise_at_the_first_step(runs, name, what):
     for r in (0, 1):
         msg = runs[r]["mismatch/" + name]
         assert msg.startswith("ParallelError") and "step 0" in msg and what in msg, msg
+
+
+def test_idle_rank_with_an_x0_policy_raises_on_every_rank(runs):
+    for r in range(3):
+        msg = runs[r]["idle_x0"]
+        assert msg.startswith("ParallelError") and "ranks [2] idle" in msg and "x0" in msg, msg
 
 
 @pytest.mark.parametrize("case", ["sd_cfg2", "sd_ag2"])
