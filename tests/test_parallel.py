@@ -203,6 +203,30 @@ def _run_cases(rank, world, results):
 
     if os.environ.get("FG_DEBUG"):
         print(f"rank {rank} mismatch {time.monotonic():.1f}", flush=True)
+    # a rank failing OUTSIDE the guider's step (its scheduler, after step 2's exchange) under fp.guard(): the
+    # peer waits in step 3's exchange until the group's timeout (3 s here), then raises naming rank 1
+    if rank < 2:
+        short = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=3))
+        step = pipe.scheduler.step
+        if rank == 1:
+            seen = []
+
+            def failing_step(*args, **kwargs):
+                seen.append(1)
+                if len(seen) == 3:
+                    raise RuntimeError("scheduler boom")
+                return step(*args, **kwargs)
+            pipe.scheduler.step = failing_step
+        t0 = time.monotonic()
+        try:
+            with fp.guard():
+                call(fp.distribute(cfg(), group=short), [1, 2])
+            results["outside"] = "no error"
+        except Exception as e:  # noqa: BLE001
+            results["outside"] = f"{type(e).__name__}: {e}"
+        results["outside/s"] = time.monotonic() - t0
+        pipe.scheduler.__dict__.pop("step", None)
+
     # mismatched settings at the first step: seed (the latents pass through the lab pipeline's guider), steps
     if rank < 2:
         for name, kw in (("seed", dict(seed=rank)), ("steps", dict(n=steps + rank)),
@@ -379,6 +403,14 @@ def test_enable_parallel_classic_pipeline(runs, case):
     if case == "sd_ag2":
         assert b["report"].idle == [(s, [1]) for s in (1, 2, 3)] and b["report"].rows == 1
     print(f"{case}: max |parallel - single| = {diff:.3g} (latents up to {scale:.3g})")
+
+
+def test_a_rank_failing_outside_the_step_makes_the_peer_raise_at_the_timeout_naming_it(runs):
+    assert runs[1]["outside"] == "RuntimeError: scheduler boom"  # its own error, recorded by fp.guard()
+    msg = runs[0]["outside"]
+    assert msg.startswith("ParallelError") and "exchange of step 3 failed" in msg, msg
+    assert "rank 1: RuntimeError: scheduler boom" in msg, msg
+    assert runs[0]["outside/s"] < 30  # the 3 s group timeout, not a hang
 
 
 def test_plan_shares():
