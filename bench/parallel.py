@@ -77,9 +77,12 @@ def main(argv=None):
     if rank == 0:
         print(f"# fastguide.parallel bench: {world} rank(s), device {device}, {args.threads} thread(s) per rank, "
               f"{args.steps} steps, torch {torch.__version__}")
-        print("| guider | batch | 1 rank ms/step | " + (f"{world} ranks ms/step | speed-up | bytes sent / rank / step "
-              f"| bytes received / rank / step | collectives / call | in the collective ms/step | max abs diff vs 1 rank |" if world > 1 else "|"))
-        print("|---|---|---|" + ("---|---|---|---|---|---|---|" if world > 1 else ""))
+        cols = ["guider", "batch", "1 rank ms/step"]
+        if world > 1:
+            cols += [f"{world} ranks ms/step", "speed-up", "bytes sent / rank / step", "bytes received / rank / step",
+                     "collectives / call", "in the collective ms/step", "max abs diff vs 1 rank"]
+        print("| " + " | ".join(cols) + " |")
+        print("|" + "---|" * len(cols))
     for name in args.guiders:
         for batch in args.batch:
             labels = [i % 10 for i in range(batch)]
@@ -101,8 +104,10 @@ def main(argv=None):
             if rank == 0:
                 sent = (rep.bytes_sent - fp.HEADER_BYTES) / rep.steps  # the data exchange; + one 512-byte header
                 diff = (lat.cpu() - single.cpu()).abs().max().item()
-                print(f"| {name} | {batch} | {single_t * 1e3:.2f} | {t * 1e3:.2f} | {single_t / t:.2f}x | "
-                      f"{sent:.0f} | {sent * world:.0f} | {rep.collectives} | {rep.exchange_s / rep.steps * 1e3:.2f} | {diff:.2g}{'' if same else ' (RANKS DIFFER)'} |")
+                row = [name, batch, f"{single_t * 1e3:.2f}", f"{t * 1e3:.2f}", f"{single_t / t:.2f}x", f"{sent:.0f}",
+                       f"{sent * world:.0f}", rep.collectives, f"{rep.exchange_s / rep.steps * 1e3:.2f}",
+                       f"{diff:.2g}" + ("" if same else " (RANKS DIFFER)")]
+                print("| " + " | ".join(map(str, row)) + " |")
     if distributed:
         dist.barrier()
         dist.destroy_process_group()

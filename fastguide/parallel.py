@@ -62,7 +62,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-__all__ = ["ParallelError", "ParallelReport", "RowSplit", "distribute", "undistribute", "init_from_env", "plan", "guard",
+__all__ = ["ParallelError", "ParallelReport", "RowSplit", "distribute", "undistribute", "init_from_env", "plan",
+           "guard",
            "HEADER_BYTES"]
 
 HEADER_BYTES = 512
@@ -148,7 +149,7 @@ def _install_excepthook():
     previous = sys.excepthook
 
     def hook(tp, value, tb):
-        if dist.is_initialized():
+        if dist.is_initialized() and not isinstance(value, ParallelError):  # a peer's error keeps the first one
             _record_failure(value)
         previous(tp, value, tb)
 

@@ -141,7 +141,8 @@ def _run_cases(rank, world, results):
             x = x - 0.2 * guider(batches).pred
         return x, guider.report
 
-    make_raw = lambda: fd.ClassifierFreeGuidance(guidance_scale=2.0, adaptive=fastguide.AG(0.9999, space="prediction"))  # noqa: E731
+    def make_raw():
+        return fd.ClassifierFreeGuidance(guidance_scale=2.0, adaptive=fastguide.AG(0.9999, space="prediction"))
     if rank < 2:
         guider = fp.distribute(make_raw(), group=pair)
         x, rep = raw(guider)
@@ -198,7 +199,8 @@ def _run_cases(rank, world, results):
         except Exception as e:  # noqa: BLE001
             results[name] = f"{type(e).__name__}: {e}"
         # the guider's hooks and forward wrapper are gone, the test's own forward is back
-        results[name + "/hooks_left"] = len(pipe.unet._forward_pre_hooks) + (pipe.unet.__dict__.get("forward") is not boom)
+        results[name + "/hooks_left"] = (len(pipe.unet._forward_pre_hooks)
+                                         + (pipe.unet.__dict__.get("forward") is not boom))
         pipe.unet.__dict__.pop("forward", None)
 
     if os.environ.get("FG_DEBUG"):
