@@ -36,8 +36,13 @@ Exactness: each rank runs the denoiser on fewer rows than the single-process bat
 depends on the batch it is computed in only by the backend's batch-size-dependent rounding (measured on the
 lab's UNet, CPU fp32: see tests/test_parallel.py and bench/NOTES.md). Ranks are bitwise identical.
 
-Failures: an exception on any rank between `prepare_inputs` and the guider call of a step (the denoiser, the
-guider's inputs) is caught, and the rank joins the step's exchange with an error status and its message:
+Classic pipelines (`fastguide.enable(pipe, ..., parallel=True)`, `RowSplit`): the enabled pipeline's batched
+denoiser call ([uncond, cond], or the rows AG / the interval keep) is cut into row shares the same way, each
+rank runs its share, one all-gather per call rebuilds the batch's prediction and fastguide's guidance combines
+it on every rank. PAG pipelines are refused there (their perturbed attention needs the whole batch).
+
+Failures: an exception on any rank between `prepare_inputs` and the guider call of a step (in the denoiser's
+`forward`, in the guider's own checks) is caught, and the rank joins the step's exchange with an error status and its message:
 every rank then raises `ParallelError("... rank 1 failed at step 3: RuntimeError: ...")`. A rank that fails
 elsewhere (the pipeline's own code) or dies leaves its peers in the collective until the group's timeout
 (`init_from_env(timeout=)`) or until gloo/NCCL notices the closed connection; they then raise
@@ -46,8 +51,10 @@ excepthook `init_from_env` installs). Ranks that disagree on the settings (guide
 batch, the guider's inputs: prompts / labels / latents where they go through the guider -- the seed) raise at
 the first step, naming what differs.
 
-Not supported (clear error): guiders that need the denoiser's input on every rank when a rank is idle
-(x0-space AG / APG with B * branches < ranks).
+Not supported (a clear error on every rank): a guider that needs the denoiser's input (x0-space AG / APG,
+ClassifierGuidance) at a guided step with fewer rows than ranks (a rank would be idle without that input).
+Not covered by the in-step error channel: an exception raised by someone else's forward pre-hook on the
+denoiser (before `forward`): it takes the "fails elsewhere" path.
 """
 import datetime
 import hashlib
