@@ -459,13 +459,13 @@ class _BranchParallel:
 
     def prepare_inputs(self, data):
         batches = super().prepare_inputs(data)
-        return batches if self._par is None else self._share(batches, data)
+        return batches if self._par is None else self._share(batches)
 
     def prepare_inputs_from_block_state(self, data, input_fields):
         batches = super().prepare_inputs_from_block_state(data, input_fields)
-        return batches if self._par is None else self._share(batches, data)
+        return batches if self._par is None else self._share(batches)
 
-    def _share(self, batches, data):
+    def _share(self, batches):
         p = self._par
         try:
             from .diffusers import _batched_rows
@@ -485,7 +485,7 @@ class _BranchParallel:
                              getattr(self, "guidance_scale", None)),
                      _digest(p.num_steps, p.timestep),
                      _digest(batch, sizes),
-                     _digest(*_tensors(data)) if p.shape is None else 0]
+                     _digest(*_tensors(batches)) if p.shape is None else 0]  # the guider's inputs, every branch
             idle = [r for r, s in enumerate(shares) if not s]
             x0 = getattr(self, "_space", None) == "x0" or (skip is not None and skip.adaptive is not None
                                                            and skip.adaptive.space == "x0")

@@ -118,6 +118,15 @@ def _run_cases(rank, world, results):
         for name, make, labels in three:
             single(name, make, labels)
 
+    # fastguide.enable(lab pipeline, ..., parallel=group): the pipeline takes a guider, enable installs the
+    # method's guider and distributes it: the same run as "cfg2"
+    if rank < 2:
+        lab_pipe = lab.pipeline()
+        fastguide.enable(lab_pipe, guidance="cfg", scale=3.0, parallel=pair)
+        out = lab_pipe(class_labels=[3, 7, 1], num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
+                       output_type="latent")
+        results["enable_lab"] = dict(latents=_latents(out), rows=lab_pipe.guider.parallel_report.rows)
+
     # the raw guider protocol as modular pipelines drive it: the latents go to the denoiser directly (full batch,
     # reduced to each share by the guider's pre-hook), only the embeddings through prepare_inputs. Sample 0's
     # two embeddings are equal, so AG (prediction space) switches it at step 0: partial steps from step 1.
@@ -337,6 +346,12 @@ def test_ag_switches_mid_run_and_ranks_rebalance(runs):
         assert ag.nfe_skipped > 0
         rows = [runs[r][case]["report"].rows for r in range(2 if case == "ag2" else 3)]
         assert max(rows) - min(rows) <= 8  # at most one row apart per step
+
+
+def test_enable_parallel_on_a_pipeline_taking_a_guider(runs):
+    for r in (0, 1):
+        assert torch.equal(runs[r]["enable_lab"]["latents"], runs[r]["cfg2"]["latents"])
+    assert [runs[r]["enable_lab"]["rows"] for r in (0, 1)] == [3 * 8, 3 * 8]  # one branch per rank
 
 
 def test_raw_guider_with_latents_passed_to_the_denoiser_directly(runs):
