@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command on a CUDA machine with torch and triton installed: builds fastguide, runs the full AOT
-# compile check (bench/aot.py --full), the GPU test suite and the full benchmark, and leaves the log,
-# CSV and PNG in one folder.
+# compile check (bench/aot.py --full), the GPU test suite and the full benchmark (and, with 2+ GPUs, the
+# branch-parallel benchmark bench/parallel.py over NCCL), and leaves the log, CSV and PNG in one folder.
 #
 #   bash bench/gpu.sh [OUT_DIR]          # default: bench/results/<gpu>-<date>
 #
@@ -29,5 +29,13 @@ log="$out/log.txt"
   python -m pytest -q tests 2>&1 | tail -15
   echo "== bench"
   python -m fastguide bench --shapes all --dtype fp32,bf16 --csv "$out/bench.csv" --plot "$out/bench.png" --compile-step
+  ngpu=$(python -c "import torch; print(torch.cuda.device_count())")
+  if [ "$ngpu" -ge 2 ]; then
+    echo "== branch-parallel guidance (fastguide.parallel): 1 vs 2 GPUs over NCCL, step time and bytes per step"
+    torchrun --nproc-per-node 2 bench/parallel.py --device cuda --batch 8 64 256 --steps 20 --repeat 5 \
+      --guiders cfg pag cfg_ag | tee "$out/parallel.md"
+  else
+    echo "== branch-parallel guidance: skipped ($ngpu GPU; needs 2)"
+  fi
 } 2>&1 | tee "$log"
 echo "results in $out"

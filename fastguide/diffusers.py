@@ -116,6 +116,7 @@ class _PolicyArgs:
     rows (`_cannot_skip` gives the reason) raise at construction, listing the guiders that can."""
 
     _skip = None  # the SkipPolicy, None without a policy (also on guider_from twins)
+    _par = None   # fastguide.parallel's state when the guider is distributed (it then slices every branch's rows)
 
     def _cannot_skip(self):
         return None
@@ -239,7 +240,7 @@ class _Skipping(_PolicyArgs):
 
     def _slice_uncond(self, batches):
         idx = self._partial()
-        if idx is None or len(batches) < 2:
+        if idx is None or len(batches) < 2 or self._par is not None:  # branch-parallel: fastguide.parallel slices
             return batches
         from diffusers.modular_pipelines.modular_pipeline import BlockState
         batch, uncond = len(self._skip.done), batches[1]
@@ -271,7 +272,7 @@ class _Skipping(_PolicyArgs):
             self._remove_capture()
             self._capture_hook = denoiser.register_forward_pre_hook(capture, with_kwargs=True)
         idx = self._partial()
-        if idx is not None and not self.is_conditional and isinstance(denoiser, torch.nn.Module):
+        if idx is not None and not self.is_conditional and isinstance(denoiser, torch.nn.Module) and self._par is None:
             # The unconditional batch of a partly switched step: the pipeline passes its own inputs (latents,
             # timesteps) at full batch, so the denoiser call gets them reduced to the guided rows here.
             batch = len(self._skip.done)

@@ -443,6 +443,7 @@ class _Guidance:
         self.pending = None                 # per-branch pipelines: this step's cond call (_Pending)
         self.guided_out = None              # per-branch pipelines: the guided prediction for scheduler.step
         self.batch_branches = True          # per-branch pipelines: both branches in one forward when possible
+        self.parallel = None                # fastguide.parallel.RowSplit under enable(parallel=...)
         self.call = None                    # the running pipeline call's arguments
         # PixArt's learned sigma: the denoiser outputs [prediction, sigma] channels and the pipeline drops the
         # sigma half after CFG, so only the first `pred_channels` are guided (norms and spectra included).
@@ -619,11 +620,14 @@ class _Guidance:
         layout = self.layout(self, bound)
         if layout is None:
             return forward(*args, **kwargs)
+        if self.parallel is not None and layout != "slg":
+            # branch-parallel: each denoiser call runs this rank's rows, one all-gather rebuilds the batch
+            forward = self.parallel.wrap(forward, self)
         if layout == "branch":
             return self._branch_call(forward, bound)
         if layout == "slg":
             return self._skip_layer_call(forward, args, kwargs)
-        t = self._new_step(bound.arguments["timestep"])
+        self._new_step(bound.arguments["timestep"])
         if layout == "pag":
             return self._pipeline_pag_call(forward, bound, bound.arguments["timestep"])
         if "perturbed" in self.method.branches:
@@ -886,7 +890,8 @@ def _map_batched(value, batch, fn):
     return value
 
 
-def enable(pipe, guidance="cfg", *, adaptive=None, interval=None, linear_ag=None, batch_branches=True, **params):
+def enable(pipe, guidance="cfg", *, adaptive=None, interval=None, linear_ag=None, batch_branches=True, parallel=None,
+           **params):
     """Make `pipe`'s classifier-free guidance compute `guidance` with fastguide's fused ops.
 
     guidance: "cfg" (scale, rescale, original), "apg" (scale, eta, norm_threshold, momentum, norm_dim,
@@ -906,9 +911,18 @@ def enable(pipe, guidance="cfg", *, adaptive=None, interval=None, linear_ag=None
     The settings belong to `pipe`: they apply only while `pipe(...)` runs, so other pipelines sharing its
     denoiser (from_pipe, modular pipelines, a second pipeline on the same UNet) run stock or their own
     settings. Returns the pipeline.
+
+    parallel=True (or a torch.distributed ProcessGroup): branch-parallel over that group (see
+    `fastguide.parallel`; `fastguide.parallel.init_from_env()` under torchrun): each rank evaluates its share
+    of the guidance batch, one all-gather per step gives every rank the same guided result.
     """
+    group = _parallel_group(parallel)
     if _takes_guider(pipe) and not _has_pattern(pipe):
-        return _enable_guider(pipe, guidance, params, adaptive, interval, linear_ag)
+        _enable_guider(pipe, guidance, params, adaptive, interval, linear_ag)
+        if group is not False:
+            from .parallel import distribute
+            distribute(pipe.guider, group)
+        return pipe
     attr, layout = _pattern(pipe)
     denoiser = _unwrap(getattr(pipe, attr))
     state = _Guidance(pipe, layout, guidance, params, adaptive, interval, linear_ag)  # validates first
@@ -929,6 +943,13 @@ def enable(pipe, guidance="cfg", *, adaptive=None, interval=None, linear_ag=None
     state.batch_branches = batch_branches
     if "perturbed" in state.method.branches:  # validates the layer specs; nothing is changed yet
         state.pag_layers = frozenset(select_layers(denoiser, list(state.params["layers"])))
+    if group is not False:
+        if layout is _pag_layout or "perturbed" in state.method.branches:
+            raise ValueError("fastguide.enable: parallel=... with PAG on a classic pipeline is not supported (its "
+                             "perturbed attention needs the whole [uncond, cond, perturbed] batch in one call); use "
+                             "fastguide.diffusers.PerturbedAttentionGuidance with fastguide.parallel.distribute")
+        from .parallel import RowSplit
+        state.parallel = RowSplit(group)
     config = getattr(denoiser, "config", None)
     if layout is _call_scale_layout and config is not None and config.out_channels == 2 * config.in_channels:
         state.pred_channels = config.in_channels
@@ -940,6 +961,21 @@ def enable(pipe, guidance="cfg", *, adaptive=None, interval=None, linear_ag=None
     pipe.__class__ = _hooked_class(type(pipe))
     pipe._fastguide = state
     return pipe
+
+
+def _parallel_group(parallel):
+    """enable's parallel=: None / False (off: returns False), True (the default process group: None) or a
+    ProcessGroup. Checked before enable changes anything."""
+    if parallel is None or parallel is False:
+        return False
+    import torch.distributed as dist
+    if parallel is not True and not isinstance(parallel, dist.ProcessGroup):
+        raise TypeError(f"fastguide.enable: parallel must be True, False/None or a torch.distributed ProcessGroup, "
+                        f"got {type(parallel).__name__}")
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("fastguide.enable: parallel=... needs a process group; call "
+                           "fastguide.parallel.init_from_env() (under torchrun) first")
+    return None if parallel is True else parallel
 
 
 # --- pipelines that take a guider ---------------------------------------------------------------------
