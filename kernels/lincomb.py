@@ -95,6 +95,8 @@ def _plan_dstats(r, a, b, res, K, *, chunk=4096):
     if G == 0:
         return []
     acc = tl_acc(r.dtype)
+    if acc == tl.float64:  # three fp64 differences and sums per element: 4096-element tiles spill on sm_80
+        chunk = min(chunk, 2048)
     plans = []
     if K == 0:  # empty groups: zero sums
         part, nq = torch.zeros((G, 3), dtype=res.dtype, device=r.device), 1
