@@ -697,3 +697,80 @@ def renorm_cfg(cond, uncond, scale, renorm, *, channels=None):
     ng, nmax = gg.sqrt(), float(renorm) * cc.sqrt()
     f = torch.where((ng >= nmax) & (ng > 0), nmax / torch.where(ng > 0, ng, 1.0), 1.0)
     return _lincomb(op, [uncond, cond], [f, f * s])
+
+
+# --- CFG++ variants of ComfyUI's ancestral and second-order samplers (epsilon predictions, sigma space) ----
+def _ancestral_step(sigma, sigma_next, eta):
+    """k-diffusion's get_ancestral_step: (sigma_down, sigma_up)."""
+    if not eta:
+        return sigma_next, 0.0
+    sigma_up = min(sigma_next, eta * (sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2) ** 0.5)
+    return (sigma_next ** 2 - sigma_up ** 2) ** 0.5, sigma_up
+
+
+def cfgpp_euler_ancestral_step(x, cond, uncond, scale, sigma, sigma_next, *, eta=1.0, s_noise=1.0, noise=None,
+                               generator=None, allow_extrapolation=False):
+    """One step of ComfyUI's `sample_euler_ancestral_cfg_pp` for epsilon predictions (its `alpha_s = alpha_t = 1`):
+
+        x0 = x - sigma g  (g = uncond + scale (cond - uncond));  x_next = x0 + sigma_down uncond + s_noise sigma_up n
+
+    sigma_down / sigma_up from k-diffusion's `get_ancestral_step(sigma, sigma_next, eta)`; sigma_next = 0 returns
+    x0. The noise n is `noise` (a tensor of x's shape) or drawn with `generator` (like ComfyUI's
+    default_noise_sampler: torch.randn of x's shape, dtype and device). One fused pass (`cfgpp_step`), plus one
+    in-place add of the noise when sigma_up > 0. eta = 0 is `cfgpp_euler_step`."""
+    op = "cfgpp_euler_ancestral_step"
+    st, s = _cfgpp_args(op, x, cond, uncond, scale, allow_extrapolation)
+    _finite(op, sigma=sigma, sigma_next=sigma_next, eta=eta, s_noise=s_noise)
+    sigma, sigma_next = float(sigma), float(sigma_next)
+    if not (sigma > 0 and 0 <= sigma_next <= sigma) or eta < 0:
+        raise ValueError(f"fastguide.{op}: needs sigma > 0, 0 <= sigma_next <= sigma and eta >= 0, got sigma={sigma}, "
+                         f"sigma_next={sigma_next}, eta={eta}")
+    if noise is not None:
+        _check_pair(op, x, noise, "noise")
+    if sigma_next == 0:  # ComfyUI's denoising step: x = denoised
+        return _op["cfgpp_step"](x, cond, uncond, 1.0, -sigma, 0.0, st, s)
+    sigma_down, sigma_up = _ancestral_step(sigma, sigma_next, float(eta))
+    out = _op["cfgpp_step"](x, cond, uncond, 1.0, -sigma, sigma_down, st, s)
+    if eta > 0 and s_noise > 0 and sigma_up > 0:
+        if noise is None:
+            noise = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
+        out.add_(noise, alpha=float(s_noise) * sigma_up)
+    return out
+
+
+def cfgpp_dpmpp_2m_step(x, cond, uncond, scale, sigma, sigma_next, *, old_uncond_denoised=None, sigma_prev=None,
+                        allow_extrapolation=False):
+    """One step of ComfyUI's `sample_dpmpp_2m_cfg_pp` (DPM-Solver++(2M) with CFG++) for epsilon predictions.
+
+    With D = x - sigma g (g = uncond + scale (cond - uncond)), Du = x - sigma uncond, h = log(sigma / sigma_next):
+        first step (old_uncond_denoised None) or sigma_next = 0:  x_next = D - e^-h Du + e^-h x
+        otherwise, r = log(sigma_prev / sigma) / h:  x_next = ... - expm1(-h) / (2 r) (D - old_uncond_denoised)
+    Returns (x_next, Du): pass Du back as `old_uncond_denoised` (with `sigma_prev=sigma`) on the next step.
+    Two fused passes: the step (`cfgpp_step` on the first step, one lincomb of x, cond, uncond and the previous
+    Du otherwise) and Du (one lincomb).
+    """
+    op = "cfgpp_dpmpp_2m_step"
+    st, s = _cfgpp_args(op, x, cond, uncond, scale, allow_extrapolation)
+    _finite(op, sigma=sigma, sigma_next=sigma_next)
+    sigma, sigma_next = float(sigma), float(sigma_next)
+    if not (sigma > 0 and 0 <= sigma_next <= sigma):
+        raise ValueError(f"fastguide.{op}: needs sigma > 0 and 0 <= sigma_next <= sigma, got {sigma}, {sigma_next}")
+    if old_uncond_denoised is not None:
+        _check_pair(op, x, old_uncond_denoised, "old_uncond_denoised")
+        _finite(op, sigma_prev=sigma_prev)
+        if not float(sigma_prev) > sigma:
+            raise ValueError(f"fastguide.{op}: sigma_prev must be > sigma ({sigma}) with old_uncond_denoised, "
+                             f"got {sigma_prev!r}")
+    uncond_denoised = _lincomb(op, [uncond, x], [1.0 - sigma, 1.0])  # x - sigma u, the differences first
+    e = sigma_next / sigma  # exp(-h)
+    if old_uncond_denoised is None or sigma_next == 0:  # D - e Du + e x = x - sigma g + e sigma u
+        return _op["cfgpp_step"](x, cond, uncond, 1.0, -sigma, e * sigma, st, s), uncond_denoised
+    h = math.log(sigma / sigma_next)
+    r = math.log(float(sigma_prev) / sigma) / h
+    k = -math.expm1(-h) / (2 * r)
+    # x_next = (1 + k) x - sigma (1 + k) g + e sigma u - k Du_old, g = u + lam (c - u); anchored at x
+    lam = _acc_scale(op, "scale", scale, cond)
+    wc = -sigma * (1 + k) * lam
+    wu = -sigma * (1 + k) * (1 - lam) + e * sigma
+    return _lincomb(op, [x, cond, uncond, old_uncond_denoised],
+                    [1.0 + k + wc + wu - k, wc, wu, -k]), uncond_denoised

@@ -119,3 +119,46 @@ def comfy_renorm_cfg(cond_denoised, uncond_denoised, cond_scale, renorm_cfg, in_
     else:
         half_eps, cond_rest = cond_denoised[:, :in_channels], cond_denoised[:, in_channels:]
     return torch.cat([half_eps, cond_rest], dim=1)
+
+
+def comfy_euler_ancestral_cfg_pp(x, cond_eps, uncond_eps, lam, sigma, sigma_next, eta, s_noise, noise):
+    """One step of ComfyUI sample_euler_ancestral_cfg_pp for an epsilon model (alpha_s = alpha_t = 1), in its
+    denoiser terms; get_ancestral_step inlined."""
+    denoised = comfy_cfg_function(x - sigma * cond_eps, x - sigma * uncond_eps, lam)
+    uncond_denoised = x - sigma * uncond_eps
+    if sigma_next == 0:
+        return denoised
+    d = (x - uncond_denoised) / sigma
+    if not eta:
+        sigma_down, sigma_up = sigma_next, 0.0
+    else:
+        sigma_up = min(sigma_next, eta * (sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2) ** 0.5)
+        sigma_down = (sigma_next ** 2 - sigma_up ** 2) ** 0.5
+    x = denoised + sigma_down * d
+    if eta > 0 and s_noise > 0:
+        x = x + noise * s_noise * sigma_up
+    return x
+
+
+def comfy_dpmpp_2m_cfg_pp(x, eps_pairs, lam, sigmas):
+    """ComfyUI sample_dpmpp_2m_cfg_pp for an epsilon model: eps_pairs[i] = (cond_eps, uncond_eps) at step i
+    (a function of x), sigmas as Python floats; returns every x."""
+    import math
+    t_fn = lambda s: -math.log(s) if s > 0 else math.inf  # noqa: E731
+    old_uncond_denoised, xs = None, []
+    for i in range(len(sigmas) - 1):
+        c, u = eps_pairs(i, x)
+        denoised = comfy_cfg_function(x - sigmas[i] * c, x - sigmas[i] * u, lam)
+        uncond_denoised = x - sigmas[i] * u
+        t, t_next = t_fn(sigmas[i]), t_fn(sigmas[i + 1])
+        h = t_next - t
+        if old_uncond_denoised is None or sigmas[i + 1] == 0:
+            denoised_mix = -math.exp(-h) * uncond_denoised
+        else:
+            h_last = t - t_fn(sigmas[i - 1])
+            r = h_last / h
+            denoised_mix = -math.exp(-h) * uncond_denoised - math.expm1(-h) * (1 / (2 * r)) * (denoised - old_uncond_denoised)
+        x = denoised + denoised_mix + math.exp(-h) * x
+        old_uncond_denoised = uncond_denoised
+        xs.append(x)
+    return xs

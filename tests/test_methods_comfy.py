@@ -339,3 +339,53 @@ def test_channel_ops_opcheck_and_compile():
         ref = ops.mahiro(c, u, scale) + ops.cfg_norm(c, u, scale) + ops.renorm_cfg(c, u, scale, 1.0)
         torch.testing.assert_close(fn(scale, c, u), ref)
     assert counter.frame_count == 1
+
+
+# --- CFG++ samplers: euler_ancestral_cfg_pp, dpmpp_2m_cfg_pp ---------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_cfgpp_euler_ancestral_equals_comfyui(dtype):
+    x, c, u, n = (randn((3, 4, 6, 5), dtype, strided=True) for _ in range(4))
+    tol = {torch.float32: 2e-6, torch.float64: 1e-13, torch.bfloat16: 1.6e-2}[dtype]
+    for lam, (sigma, sigma_next), eta, s_noise in ((0.6, (7.3, 4.1), 1.0, 1.0), (torch.tensor([0.2, 0.5, 0.9]),
+                                                    (2.0, 0.5), 0.5, 0.8), (0.4, (1.5, 0.0), 1.0, 1.0)):
+        out = ops.cfgpp_euler_ancestral_step(x, c, u, lam, sigma, sigma_next, eta=eta, s_noise=s_noise, noise=n)
+        ref = R.comfy_euler_ancestral_cfg_pp(x.double(), c.double(), u.double(), per_sample(lam, x), sigma,
+                                             sigma_next, eta, s_noise, n.double())
+        assert rel_err(out, ref) <= tol
+    # eta = 0 is CFG++ Euler; the noise from a generator is torch.randn's draw
+    torch.testing.assert_close(ops.cfgpp_euler_ancestral_step(x, c, u, 0.6, 3.0, 2.0, eta=0.0),
+                               fastguide.cfgpp_euler_step(x, c, u, 0.6, 3.0, 2.0))
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    torch.testing.assert_close(ops.cfgpp_euler_ancestral_step(x, c, u, 0.6, 3.0, 2.0, generator=g1),
+                               ops.cfgpp_euler_ancestral_step(x, c, u, 0.6, 3.0, 2.0,
+                                                              noise=torch.randn(x.shape, dtype=dtype, generator=g2)))
+    with pytest.raises(ValueError, match="0 <= sigma_next <= sigma"):
+        ops.cfgpp_euler_ancestral_step(x, c, u, 0.6, 2.0, 3.0)
+    with pytest.raises(ValueError, match="noise must have cond's shape"):
+        ops.cfgpp_euler_ancestral_step(x, c, u, 0.6, 3.0, 2.0, noise=n[:1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_cfgpp_dpmpp_2m_loop_equals_comfyui(dtype):
+    """A 5-step DPM++ 2M CFG++ loop (the last step to sigma 0) with predictions that depend on x: fastguide's
+    steps with their state carried by the caller vs ComfyUI's sampler loop, in fp64."""
+    shape = (2, 3, 5, 4)
+    A, Bm = torch.randn(2, 4, 4, dtype=torch.float64) * 0.3, torch.randn(2, *shape, dtype=torch.float64)
+
+    def eps(i, x):  # cond / uncond predictions: fixed random functions of x
+        xx = x.double()
+        return (torch.tanh(xx @ A[0]) + Bm[0] * (1 + i)), (torch.tanh(xx @ A[1]) + Bm[1])
+
+    sigmas = [14.6, 6.1, 2.3, 0.7, 0.2, 0.0]
+    lam = torch.tensor([0.5, 0.8])
+    x0 = randn(shape, torch.float64) * sigmas[0]
+    ref = R.comfy_dpmpp_2m_cfg_pp(x0, eps, lam.double().view(-1, 1, 1, 1), sigmas)
+    x, old, prev = x0.to(dtype), None, None
+    for i in range(len(sigmas) - 1):
+        c, u = (e.to(dtype) for e in eps(i, x))
+        x, du = ops.cfgpp_dpmpp_2m_step(x, c, u, lam.to(dtype), sigmas[i], sigmas[i + 1], old_uncond_denoised=old,
+                                        sigma_prev=prev)
+        old, prev = du, sigmas[i]
+        assert rel_err(x, ref[i]) <= (1e-5 if dtype == torch.float32 else 1e-12), i
+    with pytest.raises(ValueError, match="sigma_prev must be > sigma"):
+        ops.cfgpp_dpmpp_2m_step(x, c, u, 0.5, 2.0, 1.0, old_uncond_denoised=du, sigma_prev=1.0)
