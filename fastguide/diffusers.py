@@ -59,7 +59,8 @@ from .pipelines import AG, LinearAG
 from .skip import NoiseSchedule, SkipPolicy, check_policy
 
 __all__ = ["AdaptiveProjectedGuidance", "BaseGuidance", "ClassifierFreeGuidance", "ClassifierGuidance", "ClassifierFreeZeroStarGuidance",
-           "FrequencyDecoupledGuidance", "PerturbedAttentionGuidance", "SkipLayerGuidance", "guider_from",
+           "FrequencyDecoupledGuidance", "MultiBranchGuidance", "PerturbedAttentionGuidance", "SkipLayerGuidance",
+           "guider_from",
            "recording", "GUIDERS", "SKIPPING"]
 
 POLICY_ARGS = ("adaptive", "interval", "linear_ag", "scheduler")
