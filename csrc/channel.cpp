@@ -16,14 +16,18 @@
 
 #include "common.h"
 
+// sqrt without errno (this file only; setup.py's flags are shared): lets the channel loops vectorise. sqrt of
+// a negative never happens here (arguments are |x| or sums of squares).
+#pragma GCC optimize("no-math-errno")
+
 namespace fastguide {
 namespace {
 
 constexpr int64_t kPos = 256;
 
 template <typename acc_t>
-inline acc_t ssqrt(acc_t x) {
-  return x > 0 ? std::sqrt(x) : (x < 0 ? -std::sqrt(-x) : acc_t(0));
+inline acc_t ssqrt(acc_t x) {  // sign(x) sqrt(|x|); +-0 for +-0 (a zero either way in the sums)
+  return std::copysign(std::sqrt(std::abs(x)), x);
 }
 
 at::Tensor cfg_norm_cpu(const at::Tensor& cond_in, const at::Tensor& uncond_in, const c10::optional<at::Tensor>& scale_t,
