@@ -16,10 +16,6 @@
 
 #include "common.h"
 
-// sqrt without errno (this file only; setup.py's flags are shared): lets the channel loops vectorise. sqrt of
-// a negative never happens here (arguments are |x| or sums of squares).
-#pragma GCC optimize("no-math-errno")
-
 namespace fastguide {
 namespace {
 
@@ -28,6 +24,41 @@ constexpr int64_t kPos = 256;
 template <typename acc_t>
 inline acc_t ssqrt(acc_t x) {  // sign(x) sqrt(|x|); +-0 for +-0 (a zero either way in the sums)
   return std::copysign(std::sqrt(std::abs(x)), x);
+}
+
+// The element loops, on restrict pointers (one channel row of n positions). Mahiro's sqrt stays scalar: GCC
+// vectorises it only with -fno-math-errno on the command line (a pragma or attribute does not do it).
+template <typename scalar_t, typename acc_t>
+void cfg_norm_sums(const scalar_t* __restrict__ c, const scalar_t* __restrict__ u, int64_t n, acc_t s,
+                   acc_t* __restrict__ cc, acc_t* __restrict__ gg) {
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t cv = static_cast<acc_t>(c[i]), uv = static_cast<acc_t>(u[i]);
+    const acc_t g = uv + s * (cv - uv);
+    cc[i] = cc[i] + cv * cv;
+    gg[i] = gg[i] + g * g;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void cfg_norm_write(const scalar_t* __restrict__ c, const scalar_t* __restrict__ u, int64_t n, acc_t s,
+                    const acc_t* __restrict__ f, scalar_t* __restrict__ o) {
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t cv = static_cast<acc_t>(c[i]), uv = static_cast<acc_t>(u[i]);
+    o[i] = static_cast<scalar_t>((uv + s * (cv - uv)) * f[i]);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void mahiro_sums(const scalar_t* __restrict__ c, const scalar_t* __restrict__ u, int64_t n, acc_t s,
+                 acc_t* __restrict__ dot, acc_t* __restrict__ aa, acc_t* __restrict__ mm) {
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t cv = static_cast<acc_t>(c[i]), uv = static_cast<acc_t>(u[i]);
+    const acc_t g = uv + s * (cv - uv);
+    const acc_t a = ssqrt(s * uv), m = ssqrt((s * cv + g) / 2);
+    dot[i] = dot[i] + a * m;
+    aa[i] = aa[i] + a * a;
+    mm[i] = mm[i] + m * m;
+  }
 }
 
 at::Tensor cfg_norm_cpu(const at::Tensor& cond_in, const at::Tensor& uncond_in, const c10::optional<at::Tensor>& scale_t,
@@ -54,12 +85,7 @@ at::Tensor cfg_norm_cpu(const at::Tensor& cond_in, const at::Tensor& uncond_in, 
         for (int64_t i = 0; i < n; ++i) cc[i] = gg[i] = 0;
         for (int64_t k = 0; k < C; ++k) {
           const int64_t base = (b * C + k) * S + p0;
-          for (int64_t i = 0; i < n; ++i) {
-            const acc_t cv = static_cast<acc_t>(cp[base + i]), uv = static_cast<acc_t>(up[base + i]);
-            const acc_t g = uv + s * (cv - uv);
-            cc[i] = cc[i] + cv * cv;
-            gg[i] = gg[i] + g * g;
-          }
+          cfg_norm_sums(cp + base, up + base, n, s, cc, gg);
         }
         for (int64_t i = 0; i < n; ++i) {  // f = clamp(|c| / (|g| + 1e-8), 0, 1) * strength, as the node
           acc_t f = std::sqrt(cc[i]) / (std::sqrt(gg[i]) + acc_t(1e-8));
@@ -67,10 +93,7 @@ at::Tensor cfg_norm_cpu(const at::Tensor& cond_in, const at::Tensor& uncond_in, 
         }
         for (int64_t k = 0; k < C; ++k) {
           const int64_t base = (b * C + k) * S + p0;
-          for (int64_t i = 0; i < n; ++i) {
-            const acc_t cv = static_cast<acc_t>(cp[base + i]), uv = static_cast<acc_t>(up[base + i]);
-            op[base + i] = static_cast<scalar_t>((uv + s * (cv - uv)) * cc[i]);
-          }
+          cfg_norm_write(cp + base, up + base, n, s, cc, op + base);
         }
       }
     });
@@ -102,14 +125,7 @@ at::Tensor mahiro_sim_cpu(const at::Tensor& cond_in, const at::Tensor& uncond_in
         for (int64_t i = 0; i < n; ++i) dot[i] = aa[i] = mm[i] = 0;
         for (int64_t k = 0; k < C; ++k) {
           const int64_t base = (b * C + k) * S + p0;
-          for (int64_t i = 0; i < n; ++i) {
-            const acc_t cv = static_cast<acc_t>(cp[base + i]), uv = static_cast<acc_t>(up[base + i]);
-            const acc_t g = uv + s * (cv - uv);
-            const acc_t a = ssqrt(s * uv), m = ssqrt((s * cv + g) / 2);
-            dot[i] = dot[i] + a * m;
-            aa[i] = aa[i] + a * a;
-            mm[i] = mm[i] + m * m;
-          }
+          mahiro_sums(cp + base, up + base, n, s, dot, aa, mm);
         }
         acc_t sum = 0;
         const acc_t eps = acc_t(1e-8);
