@@ -105,6 +105,24 @@ def cfgpp_cases(shape, dtype):
     yield "cfgpp", k._plan_cfgpp(x, c, u, out, 1.0, -0.5, 0.3, scale_t(shape[0]), 0.0)
 
 
+def multibranch_cases(shape, dtype):
+    """lincomb (K = 2..4, per-sample weight tensor or floats), diff_stats, and the channel kernels (CFGNorm, Mahiro)."""
+    from fastguide.kernels import channel as ch
+    from fastguide.kernels import lincomb as lc
+    preds = [meta(shape, dtype) for _ in range(4)]
+    out = meta(shape, dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    for K in (2, 3, 4):
+        w = torch.empty((shape[0], K), dtype=acc, device="meta")
+        yield f"lincomb K={K}", lc._plan_lincomb(preds[:K], out, w, [])
+    yield "lincomb K=3 floats", lc._plan_lincomb(preds[:3], out, None, [1.0, -6.5, 7.5])
+    K = preds[0].numel() // shape[0]
+    yield "diff_stats", lc._plan_dstats(*preds[:3], torch.empty((shape[0], 3), dtype=acc, device="meta"), K)
+    yield "cfg_norm", ch._plan_cfg_norm(preds[0], preds[1], out, scale_t(shape[0]), 0.0, 1.0)
+    yield "mahiro_sim", ch._plan_mahiro(preds[0], preds[1], torch.empty((shape[0],), dtype=acc, device="meta"),
+                                        None, 5.0)
+
+
 def frequency_cases(shape, dtype, nterms=(1, 2)):
     from fastguide.kernels import frequency as f
     H, W = shape[-2:]
@@ -131,7 +149,7 @@ def cases(subset):
         elementwise = [("sdxl", MODELS["sdxl"], torch.float32), ("flux", MODELS["flux"], torch.float32),
                        ("sdxl", MODELS["sdxl"], torch.float64)]
     for model, shape, dt in elementwise:
-        for gen in (guidance_cases, apg_cases, cfgpp_cases):
+        for gen in (guidance_cases, apg_cases, cfgpp_cases, multibranch_cases):
             for name, plans in gen(shape, dt):
                 if full or model == "sdxl" or name.startswith(("apg K=64", "stats K=64")):
                     yield f"{name} {model}", shape, dt, plans
@@ -153,7 +171,7 @@ def huge_grid_checks():
     rows = []
     for name, shape in HUGE.items():
         for dt in (torch.float32, torch.bfloat16):
-            for gen in (guidance_cases, apg_cases, cfgpp_cases):
+            for gen in (guidance_cases, apg_cases, cfgpp_cases, multibranch_cases):
                 for case, plans in gen(shape, dt):
                     rows += [(f"{case} {name}", shape, dt, p) for p in plans]
     return rows

@@ -132,3 +132,53 @@ def cfgpp_step(x, cond, uncond, a, b, c, scale_t, scale):
     u = uncond.to(acc)
     g = u + _per_sample(scale_t, scale, u) * (cond.to(acc) - u)
     return _out(a * x.to(acc) + b * g + c * u, cond)
+
+
+def lincomb(preds, weights_t, weights):
+    p0 = preds[0]
+    acc = _acc(p0)
+    x0 = p0.to(acc)
+    if weights_t is not None:  # [K] or [B, K]: column k as a float or a [B, 1, ...] per-sample weight
+        w = weights_t.to(acc)
+        ws = [w[k] if w.dim() == 1 else w[:, k].reshape((-1,) + (1,) * (p0.dim() - 1)) for k in range(len(preds))]
+    else:
+        ws = list(weights)
+    out = ws[0] * x0
+    for k in range(1, len(preds)):
+        out = out + ws[k] * (preds[k].to(acc) - x0)
+    return _out(out, p0)
+
+
+def diff_stats(base, a, b, group_size):
+    acc = _acc(base)
+    if group_size == 0:  # an empty input: zero sums per sample, as the kernels
+        return torch.zeros((base.shape[0], 3), dtype=acc, device=base.device)
+    r = base.to(acc).reshape(-1, group_size)
+    da = a.to(acc).reshape(-1, group_size) - r
+    db = b.to(acc).reshape(-1, group_size) - r
+    return torch.stack([(da * db).sum(1), (da * da).sum(1), (db * db).sum(1)], 1)
+
+
+def cfg_norm(cond, uncond, scale_t, scale, strength):
+    acc = _acc(cond)
+    c, u = cond.to(acc), uncond.to(acc)
+    g = u + _per_sample(scale_t, scale, c) * (c - u)
+    f = (c.norm(dim=1, keepdim=True) / (g.norm(dim=1, keepdim=True) + 1e-8)).clamp(max=1.0)
+    return _out(g * f * strength, cond)
+
+
+def _ssqrt(x):
+    return x.abs().sqrt() * x.sign()
+
+
+def mahiro_sim(cond, uncond, scale_t, scale):
+    acc = _acc(cond)
+    B = cond.shape[0]
+    if cond.numel() == 0:
+        return torch.zeros((B,), dtype=acc, device=cond.device)
+    c, u = cond.to(acc), uncond.to(acc)
+    s = _per_sample(scale_t, scale, c)
+    g = u + s * (c - u)
+    a, m = _ssqrt(s * u), _ssqrt((s * c + g) / 2)
+    cos = (a * m).sum(1) / (a.norm(dim=1).clamp_min(1e-8) * m.norm(dim=1).clamp_min(1e-8))
+    return cos.reshape(B, -1).mean(1)

@@ -63,14 +63,16 @@ from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS, _ATTENTI
 from diffusers.hooks.smoothed_energy_guidance_utils import SmoothedEnergyGuidanceHook
 
 from . import frequency, methods, ops
+from . import methods as _methods
 from .attention import seg_blur_
 from .pipelines import AG, LinearAG
 from .skip import NoiseSchedule, SkipPolicy, check_policy
 
 __all__ = ["AdaptiveProjectedGuidance", "AdaptiveProjectedMixGuidance", "AutoGuidance", "BaseGuidance",
            "ClassifierFreeGuidance", "ClassifierGuidance", "ClassifierFreeZeroStarGuidance",
-           "FrequencyDecoupledGuidance", "LTX2Guidance", "MagnitudeAwareGuidance", "PerturbedAttentionGuidance",
-           "SkipLayerGuidance", "SmoothedEnergyGuidance", "TangentialClassifierFreeGuidance", "guider_from",
+           "FrequencyDecoupledGuidance", "LTX2Guidance", "MagnitudeAwareGuidance", "MultiBranchGuidance",
+           "PerturbedAttentionGuidance", "SkipLayerGuidance", "SmoothedEnergyGuidance",
+           "TangentialClassifierFreeGuidance", "guider_from",
            "recording", "GUIDERS", "SKIPPING"]
 
 POLICY_ARGS = ("adaptive", "interval", "linear_ag", "scheduler")
@@ -778,6 +780,132 @@ class LTX2Guidance(_PolicyArgs, _dg.LTX2Guidance):
                 terms.append((weight, pred))
         pred = methods.ltx2(pred_cond, terms, rescale=float(self.guidance_rescale))
         return GuiderOutput(pred=pred, pred_cond=pred_cond, pred_uncond=pred_uncond)
+
+
+from typing import Optional  # noqa: E402  (MultiBranchGuidance's imports, kept next to it)
+
+from diffusers.configuration_utils import register_to_config  # noqa: E402
+from diffusers.hooks import ModelHook  # noqa: E402
+
+
+class _ModelBranch(ModelHook):
+    """Runs another model in place of the denoiser's forward, with the same arguments (one branch's call)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def new_forward(self, module, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+
+class MultiBranchGuidance(BaseGuidance):
+    """Any method of the registry (`fastguide.METHODS`) through diffusers' guider protocol, including methods
+    whose branches come from a second model: RLG's reference model, autoguidance's weak model.
+
+        guider = MultiBranchGuidance(method="rlg", guidance_scale=5.0, params={"rl_scale": 1.5}, models={"ref": base_unet})
+        guider = MultiBranchGuidance(method="weak_model", guidance_scale=2.0, models={"weak": early_unet})
+
+    One batch per branch (`prepare_inputs`): the prompt branches take their entry of the data tuples (cond 0,
+    uncond 1; middle / empty 2, for pipelines that pass 3-tuples); a model branch takes the batch of its prompt
+    branch, and between `prepare_models` / `cleanup_models` the pipeline's denoiser call runs that model
+    instead (a diffusers hook on the denoiser's forward, removed after the call). The second model must take
+    the denoiser's call arguments. `models` is not part of the config (like ClassifierGuidance's classifier):
+    pass it again after `from_pretrained`, or set `guider.models`. Outside start/stop only the conditional
+    batch runs and its prediction is returned. `guidance_scale` fills the method's `scale` (None in the
+    registry follows the pipeline's guidance_scale)."""
+
+    ignore_for_config = ["models"]
+    _input_predictions = ["pred_cond"]  # per instance: one per branch of the method (set in __init__)
+    _TUPLE_INDEX = {"cond": 0, "uncond": 1, "middle": 2, "empty": 2}
+
+    @register_to_config
+    def __init__(self, *, method: str = "rlg", guidance_scale: float = 7.5, params: Optional[dict] = None,
+                 start: float = 0.0, stop: float = 1.0, enabled: bool = True, models=None):
+        # keyword-only: diffusers' register_to_config files positional arguments under its defaults
+        super().__init__(start, stop, enabled)
+        where = "fastguide.diffusers.MultiBranchGuidance"
+        self.method = _methods.get(method, where)
+        if "perturbed" in self.method.branches:
+            raise ValueError(f"{where}: guidance={method!r} perturbs attention layers: use PerturbedAttentionGuidance")
+        self.params = self.method.check_params(dict(params or {}), where)
+        self.guidance_scale = guidance_scale
+        self._input_predictions = [f"pred_{b}" for b in self.method.branches]
+        self.models = {}
+        if models is not None:
+            self.set_models(models)
+        self._state = self.method.new_state(self.params) if self.method.new_state is not None else None
+
+    def set_models(self, models):
+        """{model key: module}: the second models of the method's model branches (validated here)."""
+        where = "fastguide.diffusers.MultiBranchGuidance"
+        if not isinstance(models, dict) or set(models) != set(self.method.model_keys) or not all(
+                callable(m) for m in models.values()):
+            raise ValueError(f"{where}: guidance={self.method.name!r} needs models={{key: model}} for the keys "
+                             f"{list(self.method.model_keys)}, got {models if not isinstance(models, dict) else sorted(models)!r}")
+        self.models = dict(models)
+
+    def _active(self):
+        if not self._enabled:
+            return False
+        if self._num_inference_steps is None:
+            return True
+        return int(self._start * self._num_inference_steps) <= self._step < int(self._stop * self._num_inference_steps)
+
+    def _branches(self):
+        return self.method.branches if self._active() else ("cond",)
+
+    @property
+    def num_conditions(self):
+        return len(self._branches())
+
+    @property
+    def is_conditional(self):
+        return self._branches()[max(self._count_prepared - 1, 0)] == "cond"
+
+    def _prompt_of(self, branch):
+        spec = self.method.models.get(branch)
+        return spec[1] if spec is not None else branch
+
+    def prepare_inputs(self, data):
+        batches = []
+        for branch in self._branches():
+            idx = self._TUPLE_INDEX[self._prompt_of(branch)]
+            short = [k for k, v in data.items() if isinstance(v, tuple) and len(v) <= idx]
+            if short:
+                raise ValueError(f"fastguide.diffusers.MultiBranchGuidance: branch {branch!r} reads entry {idx} of "
+                                 f"the data tuples, but {short} have fewer entries")
+            batches.append(self._prepare_batch(data, idx, f"pred_{branch}"))
+        return batches
+
+    def prepare_models(self, denoiser):
+        self._count_prepared += 1
+        branches = self._branches()
+        branch = branches[(self._count_prepared - 1) % len(branches)]
+        spec = self.method.models.get(branch)
+        if spec is not None:
+            model = self.models.get(spec[0])
+            if model is None:
+                raise ValueError(f"fastguide.diffusers.MultiBranchGuidance: branch {branch!r} needs the model "
+                                 f"{spec[0]!r}: pass models={{{spec[0]!r}: module}} (not saved with the config)")
+            HookRegistry.check_if_exists_or_initialize(denoiser).register_hook(_ModelBranch(model), "fastguide_model_branch")
+
+    def cleanup_models(self, denoiser):
+        registry = getattr(denoiser, "_diffusers_hook", None)
+        if registry is not None and registry.get_hook("fastguide_model_branch") is not None:
+            registry.remove_hook("fastguide_model_branch", recurse=False)
+
+    def forward(self, **preds):
+        x = {name[len("pred_"):]: p for name, p in preds.items()}
+        if not self._active():
+            return GuiderOutput(pred=x["cond"], pred_cond=x["cond"], pred_uncond=None)
+        if self._step == 0 and self.method.reset_state is not None:
+            self.method.reset_state(self._state)
+        p = dict(self.params)
+        if p.get("scale", 0.0) is None:
+            p["scale"] = float(self.guidance_scale)
+        return GuiderOutput(pred=self.method.combine(x, p, self._state, self._step), pred_cond=x["cond"],
+                            pred_uncond=x.get("uncond"))
 
 
 GUIDERS = {  # diffusers guider -> fastguide twin

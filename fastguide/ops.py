@@ -34,6 +34,13 @@ SCHEMAS = (
     "frequency_split(Tensor x, Tensor ah, Tensor aw) -> Tensor",
     # cfgpp.cpp: x_next = a x + b (u + scale (c - u)) + c u (the coefficients come from the wrappers).
     "cfgpp_step(Tensor x, Tensor cond, Tensor uncond, float a, float b, float c, Tensor? scale_t, float scale) -> Tensor",
+    # lincomb.cpp (schemas defined here only): out = w0 p0 + sum_k wk (pk - p0), weights [K] / [B, K] or floats;
+    # diff_stats: [G, 3] <a-r, b-r>, |a-r|^2, |b-r|^2 per group (fp32; fp64 for fp64 inputs).
+    "lincomb(Tensor[] preds, Tensor? weights_t, float[] weights) -> Tensor",
+    "diff_stats(Tensor base, Tensor a, Tensor b, int group_size) -> Tensor",
+    # channel.cpp: statistics along dim 1 at each position of [B, C, S...] (ComfyUI's CFGNorm, Mahiro).
+    "cfg_norm(Tensor cond, Tensor uncond, Tensor? scale_t, float scale, float strength) -> Tensor",
+    "mahiro_sim(Tensor cond, Tensor uncond, Tensor? scale_t, float scale) -> Tensor",
 )
 OPS = tuple(s.split("(", 1)[0] for s in SCHEMAS)
 
@@ -54,18 +61,24 @@ try:
     from .kernels import cfgpp as _triton_cfgpp
     from .kernels import frequency as _triton_frequency
     from .kernels import guidance as _triton_guidance
+    from .kernels import channel as _triton_channel
+    from .kernels import lincomb as _triton_lincomb
 
     _TRITON = {"cfg": _triton_guidance, "pag": _triton_guidance, "cfg_zero_star": _triton_guidance,
                "apg": _triton_apg, "guidance_stats": _triton_apg,
                "frequency_cfg": _triton_frequency, "frequency_split": _triton_frequency,
-               "cfgpp_step": _triton_cfgpp}
+               "cfgpp_step": _triton_cfgpp, "lincomb": _triton_lincomb, "diff_stats": _triton_lincomb,
+               "cfg_norm": _triton_channel, "mahiro_sim": _triton_channel}
     CUDA_BACKEND, CUDA_ERROR = f"Triton {triton.__version__}", None
 except Exception as exc:  # noqa: BLE001 - triton missing or broken: fall back, say why
     _TRITON, CUDA_BACKEND, CUDA_ERROR = {}, None, f"{type(exc).__name__}: {exc}"
 
 _lib = torch.library.Library("fastguide", "FRAGMENT")
-if CPU_BACKEND is None:
-    for _schema in SCHEMAS:
+# The ops _C defines (its kSchemas) are not defined again; newer ops have their schema here only and _C
+# registers just their CPU kernels (TORCH_LIBRARY_IMPL may precede the definition, as in torchao).
+_DEFINED_IN_C = set(getattr(_C, "schemas", ())) if CPU_BACKEND is not None else set()
+for _schema in SCHEMAS:
+    if _schema not in _DEFINED_IN_C:
         _lib.define(_schema)
 for _name in OPS:
     _lib.impl(_name, getattr(_eager, _name), "CompositeExplicitAutograd")
@@ -97,8 +110,23 @@ def _fake_stats(cond, uncond, guided, group_size):
     return cond.new_empty((groups, 7), dtype=torch.float32)
 
 
+def _fake_lincomb(preds, weights_t, weights):
+    return torch.empty(preds[0].shape, dtype=preds[0].dtype, device=preds[0].device)
+
+
+def _fake_diff_stats(base, a, b, group_size):
+    groups = base.numel() // group_size if group_size else base.shape[0]
+    return base.new_empty((groups, 3), dtype=torch.float64 if base.dtype == torch.float64 else torch.float32)
+
+
+def _fake_mahiro_sim(cond, uncond, scale_t, scale):
+    return cond.new_empty((cond.shape[0],), dtype=torch.float64 if cond.dtype == torch.float64 else torch.float32)
+
+
+_FAKES = {"guidance_stats": _fake_stats, "lincomb": _fake_lincomb, "diff_stats": _fake_diff_stats,
+          "mahiro_sim": _fake_mahiro_sim}
 for _name in OPS:
-    torch.library.register_fake(f"fastguide::{_name}", _fake_stats if _name == "guidance_stats" else _fake, lib=_lib)
+    torch.library.register_fake(f"fastguide::{_name}", _FAKES.get(_name, _fake), lib=_lib)
 
 
 # --- argument checks ---------------------------------------------------------------------------
@@ -462,3 +490,287 @@ def cfgpp_ddim_step(x, cond, uncond, scale, alpha_prod_t, alpha_prod_prev, *, al
         raise ValueError(f"fastguide.cfgpp_ddim_step: alphas_cumprod values must be in (0, 1], got {at}, {ap}")
     return _op["cfgpp_step"](x, cond, uncond, math.sqrt(ap / at), -math.sqrt(ap) * math.sqrt(1.0 - at) / math.sqrt(at),
                              math.sqrt(1.0 - ap), st, s)
+
+
+# --- multi-branch methods: K predictions, per-sample weights ------------------------------------------
+MAX_PREDS = 4  # lincomb's kernels take 1 to 4 predictions
+
+
+def _named(op, cond, **others):
+    """Each named prediction against cond (same shape, dtype, device); errors name the argument."""
+    for name, x in others.items():
+        _check_pair(op, cond, x, name)
+
+
+def _preds(op, preds):
+    if not isinstance(preds, (list, tuple)) or not 1 <= len(preds) <= MAX_PREDS:
+        raise ValueError(f"fastguide.{op}: preds must be a list of 1 to {MAX_PREDS} tensors, "
+                         f"got {type(preds).__name__}" + (f" of {len(preds)}" if isinstance(preds, (list, tuple)) else ""))
+    for k in range(len(preds)):
+        _check_pair(op, preds[0], preds[k], f"preds[{k}]")
+    return list(preds)
+
+
+def _weights(op, weights, p0, K):
+    """(weights_t or None, floats) for lincomb: K floats stay floats (no allocation); anything holding a
+    tensor becomes one [K] or [B, K] tensor in the arithmetic dtype (per-sample weights stay on device)."""
+    if isinstance(weights, torch.Tensor):
+        if not (weights.is_floating_point() and (weights.shape == (K,) or weights.shape == (p0.shape[0], K))):
+            raise ValueError(f"fastguide.{op}: weights tensor must be floating of shape [{K}] or "
+                             f"[{p0.shape[0]}, {K}], got {weights.dtype} {tuple(weights.shape)}")
+        if weights.device != p0.device:
+            raise ValueError(f"fastguide.{op}: weights must be on the predictions' device {p0.device}, got {weights.device}")
+        return weights, []
+    if not isinstance(weights, (list, tuple)) or len(weights) != K:
+        raise ValueError(f"fastguide.{op}: {K} weights expected (one per prediction), got {weights!r}")
+    pairs = [_scale(op, f"weights[{k}]", w, p0) for k, w in enumerate(weights)]
+    if all(t is None for t, _ in pairs):
+        return None, [v for _, v in pairs]
+    acc, B = _eager._acc(p0), p0.shape[0]
+    cols = [(t.to(acc).expand(B) if t is not None else torch.full((B,), v, dtype=acc, device=p0.device))
+            for t, v in pairs]
+    return torch.stack(cols, 1), []
+
+
+def lincomb(preds, weights):
+    """`w0 p0 + sum_{k>=1} wk (pk - p0)` over 1 to 4 predictions of one shape, in one fused pass.
+
+    The affine mixes of guidance (CFG: [u, c] with weights [1, s]; dual CFG; Perp-Neg; two-model guidance)
+    have w0 = 1; the differences are taken first, like CFG's `u + s (c - u)`. `weights`: K floats, 0-d or
+    [B] tensors (a list), or one [K] / [B, K] tensor; a tensor changes value without a recompile. Arithmetic
+    in fp32 (fp64 for fp64 inputs); out has p0's shape and dtype, contiguous.
+    """
+    return _lincomb("lincomb", _preds("lincomb", preds), weights)
+
+
+def _lincomb(op, preds, weights):
+    """lincomb on predictions already checked by the caller."""
+    wt, ws = _weights(op, weights, preds[0], len(preds))
+    if wt is None and torch.compiler.is_compiling():
+        wt, ws = torch.tensor(ws, dtype=_eager._acc(preds[0]), device=preds[0].device), []
+    return _op["lincomb"](preds, wt, ws)
+
+
+def diff_stats(base, a, b):
+    """Per sample, `<a - base, b - base>`, `|a - base|^2`, `|b - base|^2` as a [B, 3] tensor (fp32 sums;
+    fp64 for fp64 inputs), one fused pass, on device (no host sync). Perp-Neg's projection of its
+    negative direction on its positive one."""
+    _check_pair("diff_stats", base, a, "a")
+    _check_pair("diff_stats", base, b, "b")
+    K = base[0].numel()
+    if K == 0:
+        return torch.zeros((base.shape[0], 3), dtype=_eager._acc(base), device=base.device)
+    return _op["diff_stats"](base, a, b, K)
+
+
+def _acc_scale(op, name, value, like):
+    """A scale as a float, or a [B] / 0-d tensor in the arithmetic dtype (for building lincomb weights)."""
+    t, v = _scale(op, name, value, like)
+    return v if t is None else t.to(_eager._acc(like))
+
+
+def dual_cfg(cond, middle, uncond, scale, middle_scale, *, nested=False):
+    """Dual CFG over three predictions: ComfyUI's `DualCFGGuider` and InstructPix2Pix.
+
+        regular: uncond + middle_scale (middle - uncond) + scale (cond - middle)
+        nested:  uncond + middle_scale (t - uncond),  t = middle + scale (cond - middle)
+
+    ComfyUI: cond = cond1, middle = cond2, uncond = negative, scale = cfg_conds, middle_scale =
+    cfg_cond2_negative. diffusers' InstructPix2Pix: cond = text+image, middle = image only, uncond = neither,
+    scale = guidance_scale, middle_scale = image_guidance_scale (regular). Scales: floats, 0-d or [B] tensors.
+    One fused pass.
+    """
+    op = "dual_cfg"
+    _named(op, cond, middle=middle, uncond=uncond)
+    s1, s2 = _acc_scale(op, "scale", scale, cond), _acc_scale(op, "middle_scale", middle_scale, cond)
+    if nested:  # uncond + s2 (1 - s1) (middle - uncond) + s2 s1 (cond - uncond)
+        return _lincomb(op, [uncond, middle, cond], [1.0, s2 * (1 - s1), s2 * s1])
+    return _lincomb(op, [uncond, middle, cond], [1.0, s2 - s1, s1])
+
+
+def perp_neg(cond, uncond, empty, scale, neg_scale, *, per_sample=False):
+    """Perp-Neg (Armandpour et al. 2023) as ComfyUI's `PerpNegGuider` computes it:
+
+        P = cond - empty;  N = uncond - empty;  perp = N - (<N, P> / |P|^2) P
+        out = empty + scale (P - neg_scale perp)
+
+    `uncond` is the negative prompt's prediction, `empty` the empty prompt's. ComfyUI sums <N, P> and |P|^2
+    over the whole batch (one projection for every sample); `per_sample=True` projects each sample on its
+    own. Where |P| = 0 ComfyUI divides 0 by 0 (NaN everywhere); here the projection is 0 (perp = N).
+    Two passes: the dot products (diff_stats), then one lincomb; no host sync.
+    """
+    op = "perp_neg"
+    _named(op, cond, uncond=uncond, empty=empty)
+    s, ns = _acc_scale(op, "scale", scale, cond), _acc_scale(op, "neg_scale", neg_scale, cond)
+    K = cond[0].numel()
+    st = (_op["diff_stats"](empty, cond, uncond, K) if K else torch.zeros((cond.shape[0], 3), device=cond.device))
+    st = st.to(_eager._acc(cond))  # [B, 3]: <P, N>, |P|^2, |N|^2
+    if not per_sample:
+        st = st.sum(0)  # one projection for the batch: 0-d coefficients
+    pn, pp = st[..., 0], st[..., 1]
+    alpha = torch.where(pp > 0, pn / torch.where(pp > 0, pp, 1.0), 0.0)
+    return _lincomb(op, [empty, cond, uncond], [1.0, s * (1 + ns * alpha), -s * ns])
+
+
+def two_model_cfg(cond, uncond, ref_cond, ref_uncond, scale, model_scale):
+    """Guidance between two models, each with CFG: `g_ref + model_scale (g - g_ref)`, g = uncond + scale
+    (cond - uncond) from the pipeline's model, g_ref likewise from the second (reference) model.
+
+    Reinforcement Learning Guidance (Jin et al. 2025): the pipeline's model is the RL-fine-tuned one, the
+    reference its base model; model_scale = 1 is the RL model alone, 0 the base, > 1 extrapolates. Without
+    CFG (a single conditional prediction per model) it is `fastguide.cfg(cond, ref_cond, model_scale)`, which
+    is also autoguidance with a weak model (Karras et al. 2024). One fused pass over the four predictions.
+    """
+    op = "two_model_cfg"
+    _named(op, cond, uncond=uncond, ref_cond=ref_cond, ref_uncond=ref_uncond)
+    s, w = _acc_scale(op, "scale", scale, cond), _acc_scale(op, "model_scale", model_scale, cond)
+    # anchored at ref_uncond: (1-w) s (ref_cond - ru) + w (1-s) (uncond - ru) + w s (cond - ru)
+    return _lincomb(op, [ref_uncond, ref_cond, uncond, cond], [1.0, (1 - w) * s, w * (1 - s), w * s])
+
+
+# --- ComfyUI's post-CFG nodes -------------------------------------------------------------------------
+# ComfyUI applies them to the denoised (x0) predictions of its samplers; these ops take whatever predictions
+# they are given (pass x0 predictions to match the nodes on an epsilon or velocity model).
+def cfg_norm(cond, uncond, scale, *, strength=1.0):
+    """ComfyUI's CFGNorm on CFG: g = uncond + scale (cond - uncond), then at each position (the vector along
+    dim 1, the channels) g * clamp(|cond| / (|g| + 1e-8), 0, 1) * strength. One fused kernel (the channel
+    sums, then the output; [B, C, ...] inputs, a 2-D [B, C] input is one position per sample)."""
+    _check_pair("cfg_norm", cond, uncond, "uncond")
+    st, s = _scale("cfg_norm", "scale", scale, cond)
+    _finite("cfg_norm", strength=strength)
+    return _op["cfg_norm"](cond, uncond, st, s, float(strength))
+
+
+def mahiro(cond, uncond, scale, *, per_sample=False):
+    """ComfyUI's Mahiro guidance (`nodes_mahiro.py`), with g = uncond + scale (cond - uncond):
+
+        sim = mean cos(ssqrt(scale uncond), ssqrt((scale cond + g) / 2)),  ssqrt(x) = sign(x) sqrt(|x|),
+              cosines along dim 1 (channels) at each position, F.cosine_similarity's eps
+        k = 2 (sim + 1);  out = (k g + (4 - k) scale cond) / 4 = scale cond + k (1 - scale) / 4 uncond
+
+    ComfyUI averages sim over the whole batch (one k for every sample); `per_sample=True` takes each sample's
+    own. Two passes: the channel cosines (one fused reduction), then one lincomb; no host sync.
+    """
+    op = "mahiro"
+    _check_pair(op, cond, uncond, "uncond")
+    st, s = _scale(op, "scale", scale, cond)
+    sim = _op["mahiro_sim"](cond, uncond, st, s).to(_eager._acc(cond))
+    if not per_sample:
+        sim = sim.mean()
+    k = 2 * (sim + 1)
+    sv = _acc_scale(op, "scale", scale, cond)
+    return _lincomb(op, [uncond, cond], [sv + k * (1 - sv) / 4, sv])
+
+
+def renorm_cfg(cond, uncond, scale, renorm, *, channels=None):
+    """Lumina 2's renormalised CFG, ComfyUI's RenormCFG below its `cfg_trunc` (above it the node returns cond):
+
+        g = uncond + scale (cond - uncond) on the first `channels` channels (None: all), the others are cond's;
+        if renorm > 0 and |g| >= renorm |cond|: g *= renorm |cond| / |g|     (norms per sample over the guided part)
+
+    ComfyUI's `if` on a norm tensor works at batch 1 only; here each sample is renormalised on its own. Where
+    |g| = 0 the node divides 0 by 0 (NaN); here g (zero) is returned. Two passes: guidance_stats (|cond|^2,
+    |uncond|^2, <cond, uncond>, from which |g|^2 follows; fp64 sums for fp64 inputs) and one lincomb.
+    """
+    op = "renorm_cfg"
+    _check_pair(op, cond, uncond, "uncond")
+    _finite(op, renorm=renorm)
+    if channels is not None:
+        C = cond.shape[1]
+        if not isinstance(channels, int) or isinstance(channels, bool) or not 1 <= channels <= C:
+            raise ValueError(f"fastguide.{op}: channels must be None or an int in 1..{C} (cond's dim 1), got {channels!r}")
+        if channels < C:
+            guided = renorm_cfg(cond[:, :channels], uncond[:, :channels], scale, renorm)
+            return torch.cat([guided, cond[:, channels:].to(guided.dtype)], 1)
+    s = _acc_scale(op, "scale", scale, cond)
+    if not renorm > 0:
+        return _lincomb(op, [uncond, cond], [1.0, s])
+    acc = _eager._acc(cond)
+    if acc == torch.float64:  # guidance_stats sums in fp32: fp64 inputs get fp64 sums
+        c, u = cond.flatten(1), uncond.flatten(1)
+        cu, cc, uu = (c * u).sum(1), (c * c).sum(1), (u * u).sum(1)
+    else:
+        raw = guidance_stats(cond, uncond).raw
+        cu, cc, uu = raw[:, 0], raw[:, 1], raw[:, 2]
+    # |g|^2 = (1 - s)^2 |u|^2 + 2 s (1 - s) <c, u> + s^2 |c|^2 (its rounding grows like (2s - 1)^2 eps for c ~ u)
+    gg = ((1 - s) ** 2 * uu + 2 * s * (1 - s) * cu + s * s * cc).clamp_min(0)
+    ng, nmax = gg.sqrt(), float(renorm) * cc.sqrt()
+    f = torch.where((ng >= nmax) & (ng > 0), nmax / torch.where(ng > 0, ng, 1.0), 1.0)
+    return _lincomb(op, [uncond, cond], [f, f * s])
+
+
+# --- CFG++ variants of ComfyUI's ancestral and second-order samplers (epsilon predictions, sigma space) ----
+def _ancestral_step(sigma, sigma_next, eta):
+    """k-diffusion's get_ancestral_step: (sigma_down, sigma_up)."""
+    if not eta:
+        return sigma_next, 0.0
+    sigma_up = min(sigma_next, eta * (sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2) ** 0.5)
+    return (sigma_next ** 2 - sigma_up ** 2) ** 0.5, sigma_up
+
+
+def cfgpp_euler_ancestral_step(x, cond, uncond, scale, sigma, sigma_next, *, eta=1.0, s_noise=1.0, noise=None,
+                               generator=None, allow_extrapolation=False):
+    """One step of ComfyUI's `sample_euler_ancestral_cfg_pp` for epsilon predictions (its `alpha_s = alpha_t = 1`):
+
+        x0 = x - sigma g  (g = uncond + scale (cond - uncond));  x_next = x0 + sigma_down uncond + s_noise sigma_up n
+
+    sigma_down / sigma_up from k-diffusion's `get_ancestral_step(sigma, sigma_next, eta)`; sigma_next = 0 returns
+    x0. The noise n is `noise` (a tensor of x's shape) or drawn with `generator` (like ComfyUI's
+    default_noise_sampler: torch.randn of x's shape, dtype and device). One fused pass (`cfgpp_step`), plus one
+    in-place add of the noise when sigma_up > 0. eta = 0 is `cfgpp_euler_step`."""
+    op = "cfgpp_euler_ancestral_step"
+    st, s = _cfgpp_args(op, x, cond, uncond, scale, allow_extrapolation)
+    _finite(op, sigma=sigma, sigma_next=sigma_next, eta=eta, s_noise=s_noise)
+    sigma, sigma_next = float(sigma), float(sigma_next)
+    if not (sigma > 0 and 0 <= sigma_next <= sigma) or eta < 0:
+        raise ValueError(f"fastguide.{op}: needs sigma > 0, 0 <= sigma_next <= sigma and eta >= 0, got sigma={sigma}, "
+                         f"sigma_next={sigma_next}, eta={eta}")
+    if noise is not None:
+        _check_pair(op, x, noise, "noise")
+    if sigma_next == 0:  # ComfyUI's denoising step: x = denoised
+        return _op["cfgpp_step"](x, cond, uncond, 1.0, -sigma, 0.0, st, s)
+    sigma_down, sigma_up = _ancestral_step(sigma, sigma_next, float(eta))
+    out = _op["cfgpp_step"](x, cond, uncond, 1.0, -sigma, sigma_down, st, s)
+    if eta > 0 and s_noise > 0 and sigma_up > 0:
+        if noise is None:
+            noise = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
+        out.add_(noise, alpha=float(s_noise) * sigma_up)
+    return out
+
+
+def cfgpp_dpmpp_2m_step(x, cond, uncond, scale, sigma, sigma_next, *, old_uncond_denoised=None, sigma_prev=None,
+                        allow_extrapolation=False):
+    """One step of ComfyUI's `sample_dpmpp_2m_cfg_pp` (DPM-Solver++(2M) with CFG++) for epsilon predictions.
+
+    With D = x - sigma g (g = uncond + scale (cond - uncond)), Du = x - sigma uncond, h = log(sigma / sigma_next):
+        first step (old_uncond_denoised None) or sigma_next = 0:  x_next = D - e^-h Du + e^-h x
+        otherwise, r = log(sigma_prev / sigma) / h:  x_next = ... - expm1(-h) / (2 r) (D - old_uncond_denoised)
+    Returns (x_next, Du): pass Du back as `old_uncond_denoised` (with `sigma_prev=sigma`) on the next step.
+    Two fused passes: the step (`cfgpp_step` on the first step, one lincomb of x, cond, uncond and the previous
+    Du otherwise) and Du (one lincomb).
+    """
+    op = "cfgpp_dpmpp_2m_step"
+    st, s = _cfgpp_args(op, x, cond, uncond, scale, allow_extrapolation)
+    _finite(op, sigma=sigma, sigma_next=sigma_next)
+    sigma, sigma_next = float(sigma), float(sigma_next)
+    if not (sigma > 0 and 0 <= sigma_next <= sigma):
+        raise ValueError(f"fastguide.{op}: needs sigma > 0 and 0 <= sigma_next <= sigma, got {sigma}, {sigma_next}")
+    if old_uncond_denoised is not None:
+        _check_pair(op, x, old_uncond_denoised, "old_uncond_denoised")
+        _finite(op, sigma_prev=sigma_prev)
+        if not float(sigma_prev) > sigma:
+            raise ValueError(f"fastguide.{op}: sigma_prev must be > sigma ({sigma}) with old_uncond_denoised, "
+                             f"got {sigma_prev!r}")
+    uncond_denoised = _lincomb(op, [uncond, x], [1.0 - sigma, 1.0])  # x - sigma u, the differences first
+    e = sigma_next / sigma  # exp(-h)
+    if old_uncond_denoised is None or sigma_next == 0:  # D - e Du + e x = x - sigma g + e sigma u
+        return _op["cfgpp_step"](x, cond, uncond, 1.0, -sigma, e * sigma, st, s), uncond_denoised
+    h = math.log(sigma / sigma_next)
+    r = math.log(float(sigma_prev) / sigma) / h
+    k = -math.expm1(-h) / (2 * r)
+    # x_next = (1 + k) x - sigma (1 + k) g + e sigma u - k Du_old, g = u + lam (c - u); anchored at x
+    lam = _acc_scale(op, "scale", scale, cond)
+    wc = -sigma * (1 + k) * lam
+    wu = -sigma * (1 + k) * (1 - lam) + e * sigma
+    return _lincomb(op, [x, cond, uncond, old_uncond_denoised],
+                    [1.0 + k + wc + wu - k, wc, wu, -k]), uncond_denoised

@@ -414,6 +414,12 @@ class _Guidance:
 
     def __init__(self, pipe, layout, guidance, params, adaptive=None, interval=None, linear_ag=None):
         self.method = methods.get(guidance, "fastguide.enable")
+        if not self.method.enable_ready:
+            extra = sorted(set(self.method.branches) - set(methods.ENABLE_BRANCHES))
+            raise ValueError(f"fastguide.enable: guidance={guidance!r} needs the branches {extra}, which enable cannot "
+                             f"build from {type(pipe).__name__}'s batch; run it with "
+                             f"fastguide.diffusers.MultiBranchGuidance(method={guidance!r}, ...) as the guider of a "
+                             f"modular pipeline (or a pipeline that takes a guider), or call fastguide.ops directly")
         from .skip import check_policy  # (skip.py imports this module's AG / LinearAG: a local import)
         adaptive, interval, linear_ag = check_policy("fastguide.enable", adaptive, interval, linear_ag)
         self.pipe, self.layout, self.guidance = pipe, layout, guidance

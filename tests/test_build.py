@@ -18,7 +18,8 @@ def test_cpp_schemas_equal_python_fallback_schemas():
     if ops.CPU_BACKEND is None:
         pytest.fail(f"C++ extension did not load: {ops.CPU_ERROR}")
     from fastguide import _C
-    assert tuple(_C.schemas) == ops.SCHEMAS
+    # the newer ops (lincomb, diff_stats, cfg_norm, mahiro_sim) have their schema in Python only (ops.py defines it)
+    assert tuple(_C.schemas) == ops.SCHEMAS[:len(_C.schemas)]
     for name in ops.OPS:
         assert str(getattr(torch.ops.fastguide, name).default._schema) == f"fastguide::{ops.SCHEMAS[ops.OPS.index(name)]}"
 
