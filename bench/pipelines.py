@@ -29,7 +29,7 @@ def policies(pipe, steps):
     sig = [float(s) for s in pipe.scheduler.sigmas[:steps]]
     return {"stock": None, "cfg batched": {}, "cfg two calls": {"batch_branches": False},
             "ag()": {"adaptive": fastguide.AG()},
-            "interval(middle)": {"interval": (sig[int(0.8 * steps)], sig[int(0.2 * steps)])}}
+            "interval(middle)": {"interval": (sig[int(0.8 * steps)] * (1 - 1e-6), sig[int(0.2 * steps)] * (1 + 1e-6))}}
 
 
 def bench(name, steps, repeat, batch):

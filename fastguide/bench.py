@@ -490,7 +490,8 @@ def e2e_bench(device, steps=E2E_STEPS, size=32, progress=None):
         cal = [torch.randn(1, 7, 32, generator=g).to(device) for _ in range(4)]  # calibration prompts != eval prompt
         lag = calibrate_linear_ag(pipe, cal[:2], cal[2:], n, guidance_scale=7.5, height=size, width=size)
         policies = {"cfg": {}, "ag(0.991)": {"adaptive": ops_ag(0.991)}, "ag(0.95)": {"adaptive": ops_ag(0.95)},
-                    "interval(middle)": {"interval": (sig[int(0.8 * n)], sig[int(0.2 * n)])},
+                    # the scheduler's float32 sigmas as bounds, widened by 1e-6: the policy maps timesteps to sigmas in float64
+                    "interval(middle)": {"interval": (sig[int(0.8 * n)] * (1 - 1e-6), sig[int(0.2 * n)] * (1 + 1e-6))},
                     "linear_ag": {"linear_ag": lag}}
         ref_img = ref_lat = None
         for name, kw in policies.items():
