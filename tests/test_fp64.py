@@ -85,11 +85,11 @@ def test_cfgpp_fp64(shape):
 
 # --- against diffusers' guiders in float64 (scales such as 7.3 are not fp32 numbers: narrowing one to
 # fp32 anywhere, on the float or the tensor path, leaves ~1e-7) ------------------------------------
-def _guider(cls, **kw):
+def _guider(cls, step=1, **kw):
     from diffusers import guiders as dg
 
     g = getattr(dg, cls)(**kw)
-    g.set_state(step=0, num_inference_steps=10, timestep=torch.tensor(999))
+    g.set_state(step=step, num_inference_steps=10, timestep=torch.tensor(999))  # step 1: inside PAG's window
     g.prepare_inputs({})
     return g
 
@@ -112,21 +112,29 @@ def test_guidance_fp64_equals_diffusers(cls, op, kw, tensor_scale):
     s = torch.tensor(SCALE, dtype=torch.float64) if tensor_scale else SCALE
     args = (c, u, p, s, torch.tensor([2.9, 2.9], dtype=torch.float64) if tensor_scale else 2.9) if op == "pag" \
         else (c, u, s)
-    out = getattr(fastguide, op)(*args, rescale=kw.get("guidance_rescale", 0.0),
-                                 original=kw.get("use_original_formulation", False))
-    assert out.dtype == torch.float64 and rel_err(out, theirs.pred) < TOL
+    rescale, original = kw.get("guidance_rescale", 0.0), kw.get("use_original_formulation", False)
+    out = getattr(fastguide, op)(*args, rescale=rescale, original=original)
+    assert out.dtype == torch.float64
+    if op == "cfg_zero_star":
+        # diffusers' cfg_zero_star_scale computes alpha in float32 even for float64 inputs (~1e-9 here);
+        # ours is float64 throughout: equal to the float64 formula.
+        assert rel_err(out, theirs.pred) < 1e-7
+        assert rel_err(out, guide64(op, [c, u], SCALE, rescale=rescale, original=original)) < TOL
+    else:
+        assert rel_err(out, theirs.pred) < TOL
 
 
 @pytest.mark.parametrize("tensor_scale", [False, True], ids=["float", "tensor"])
 def test_apg_fp64_equals_diffusers_over_steps(tensor_scale):
     kw = dict(guidance_scale=SCALE, adaptive_projected_guidance_momentum=-0.55,
               adaptive_projected_guidance_rescale=11.1, eta=0.3, guidance_rescale=0.2)
-    theirs = _guider("AdaptiveProjectedGuidance", **kw)
+    theirs = _guider("AdaptiveProjectedGuidance", step=0, **kw)  # (its momentum buffer starts at step 0)
     buf = fastguide.MomentumBuffer(-0.55)
     s = torch.tensor([SCALE, SCALE], dtype=torch.float64) if tensor_scale else SCALE
     for step in range(3):
         c, u, _ = _inputs((2, 4, 8, 8))
-        theirs.set_state(step=step, num_inference_steps=10, timestep=torch.tensor(999 - step))
+        if step:
+            theirs.set_state(step=step, num_inference_steps=10, timestep=torch.tensor(999 - step))
         ref = theirs.forward(c, u).pred
         out = fastguide.apg(c, u, s, eta=0.3, norm_threshold=11.1, momentum_buffer=buf, rescale=0.2)
         assert rel_err(out, ref) < TOL, step
