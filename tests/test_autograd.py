@@ -13,7 +13,7 @@ import reference
 from fastguide import frequency, ops
 from reference import guide64
 
-SHAPE = (2, 3, 4, 5)
+SHAPE = (2, 3, 2, 4)
 
 
 def leaves(*xs):
@@ -77,7 +77,7 @@ def test_gradcheck_guidance_stats(guided):
     exact under central differences; the cosines smooth) and fp32-level tolerances."""
     c, u, g = rand()
     f = torch.ops.fastguide.guidance_stats.default
-    gradcheck(lambda c, u, g: f(c, u, g if guided else None, 20), (c, u, g), eps=1e-2, atol=2e-3, rtol=2e-3)
+    gradcheck(lambda c, u, g: f(c, u, g if guided else None, 8), (c, u, g), eps=1e-2, atol=2e-3, rtol=2e-3)
 
 
 @pytest.mark.parametrize("norm_dim,momentum", [(None, None), ((-2, -1), -0.5), (1, 0.3)], ids=str)
@@ -189,16 +189,11 @@ def test_compile_fullgraph_backward():
     assert_grads_close(grads(out, [c, u, s]), grads(ref, [c, u, s]), rtol=1e-4)
 
 
-@pytest.mark.parametrize("op", ["cfg", "frequency_cfg"])
-def test_opcheck_with_grad(op):
+def test_opcheck_with_grad():
+    """opcheck's autograd-registration and AOT-dispatch (forward + backward) tests, inputs requiring grad."""
     c, u = rand((2, 3, 5, 6), torch.float32, n=2)
     s, = leaves(torch.tensor([2.0, 3.0]))
-    if op == "cfg":
-        args = (c, u, s, 0.0, 0.7, False)
-    else:
-        ah, aw = frequency.operators("fft_box", 5, 6, 2, 2, "cpu", torch.float32)
-        args = (c, u, ah, aw, s, 0.0, None, 5.0, True)
-    torch.library.opcheck(getattr(torch.ops.fastguide, op).default, args)
+    torch.library.opcheck(torch.ops.fastguide.cfg.default, (c, u, s, 0.0, 0.7, False))
 
 
 def test_every_op_has_an_autograd_kernel_and_no_fallback_warning():
@@ -215,8 +210,8 @@ def test_raw_apg_op_with_grad_raises_and_leaves_the_buffer():
     c, u = rand(n=2)
     buf = torch.ones(SHAPE, dtype=torch.float64)
     with pytest.raises(RuntimeError, match=r"fastguide::apg has no autograd formula; call the public wrapper"):
-        torch.ops.fastguide.apg.default(c, u, None, 2.0, 1.0, 0.0, 0.5, buf, 60, False)
+        torch.ops.fastguide.apg.default(c, u, None, 2.0, 1.0, 0.0, 0.5, buf, 24, False)
     assert torch.equal(buf, torch.ones(SHAPE, dtype=torch.float64))
     with torch.no_grad():  # without a gradient the kernel runs
-        torch.ops.fastguide.apg.default(c, u, None, 2.0, 1.0, 0.0, 0.5, buf, 60, False)
+        torch.ops.fastguide.apg.default(c, u, None, 2.0, 1.0, 0.0, 0.5, buf, 24, False)
     assert not torch.equal(buf, torch.ones(SHAPE, dtype=torch.float64))
