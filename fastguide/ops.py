@@ -211,8 +211,45 @@ def _rescale(op, rescale):
 
 
 # --- public wrappers ---------------------------------------------------------------------------
-# OpOverload handles: calling `.default` skips the overload lookup of `torch.ops.fastguide.<op>(...)`.
-_op = {name: getattr(torch.ops.fastguide, name).default for name in OPS}
+_BACKEND_KEYS = {"cpu": torch._C.DispatchKeySet(torch._C.DispatchKey.CPU),
+                 "cuda": torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)}
+_SCALARS = frozenset((float, int, bool, type(None)))
+
+
+class _Op:
+    """What the wrappers call: the OpOverload `torch.ops.fastguide.<name>.default` (`.default` skips the
+    overload lookup), entered below the Autograd key when no gradient can be needed. The Autograd kernels
+    are Python functions (register_autograd), and entering one costs 10-40 us a call on CPU, more than the
+    whole kernel at small sizes; plain CPU / CUDA tensors outside torch.compile, functorch transforms and
+    dispatch modes, with no input requiring grad (or grad mode off), go straight to the backend kernel."""
+    __slots__ = ("op", "_handle")
+
+    def __init__(self, op):
+        self.op = op
+        self._handle = op._handle  # (OpOverload.redispatch looks the schema up again on every call)
+
+    def __call__(self, *args):
+        if torch.compiler.is_compiling():
+            return self.op(*args)
+        grad = torch.is_grad_enabled()
+        device = None
+        for a in args:
+            t = type(a)
+            if t is torch.Tensor:
+                if grad and a.requires_grad:
+                    return self.op(*args)
+                if device is None:
+                    device = a.device.type
+            elif t not in _SCALARS:  # a tensor subclass (FakeTensor, Parameter, ...): the full dispatch
+                return self.op(*args)
+        keys = _BACKEND_KEYS.get(device)
+        if (keys is None or torch._C._are_functorch_transforms_active() or torch._C._len_torch_dispatch_stack()
+                or torch._C._is_torch_function_mode_enabled()):
+            return self.op(*args)
+        return self._handle.redispatch_boxed(keys, *args)
+
+
+_op = {name: _Op(getattr(torch.ops.fastguide, name).default) for name in OPS}
 
 def cfg(cond, uncond, scale, *, rescale=0.0, original=False):
     """Classifier-free guidance: `uncond + scale * (cond - uncond)` (`cond + ...` when `original`),
