@@ -215,3 +215,26 @@ def test_raw_apg_op_with_grad_raises_and_leaves_the_buffer():
     with torch.no_grad():  # without a gradient the kernel runs
         torch.ops.fastguide.apg.default(c, u, None, 2.0, 1.0, 0.0, 0.5, buf, 24, False)
     assert not torch.equal(buf, torch.ones(SHAPE, dtype=torch.float64))
+
+
+def test_wrappers_below_autograd_still_seen_by_dispatch_modes_and_grad_mode():
+    """The wrappers' shortcut past the Autograd key (no gradient possible) keeps the dispatcher's other
+    users: a TorchDispatchMode still sees the op; grad mode off means no graph even for requires_grad inputs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Log(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    c, u = rand(n=2)
+    with Log() as log:
+        fastguide.cfg(c.detach(), u.detach(), 2.0)
+    assert "fastguide.cfg.default" in log.ops
+    with torch.no_grad():
+        assert fastguide.cfg(c, u, 2.0).grad_fn is None
+    assert fastguide.cfg(c, u, 2.0).grad_fn is not None
