@@ -116,13 +116,13 @@ for _name in OPS:
 def _no_autograd(name):
     """The Autograd kernel of an op without a formula: an error when a gradient is needed (instead of
     PyTorch's fallback, which warns and returns None gradients), the kernels otherwise."""
-    op = getattr(torch.ops.fastguide, name).default
+    handle = getattr(torch.ops.fastguide, name).default._handle
 
     def kernel(keyset, *args):
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             raise RuntimeError(f"fastguide::{name} has no autograd formula; call the public wrapper "
                                f"fastguide.{name}(...) (differentiable), or detach the inputs")
-        return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+        return handle.redispatch_boxed(keyset & torch._C._after_autograd_keyset, *args)
 
     return kernel
 
