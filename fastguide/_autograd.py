@@ -42,7 +42,7 @@ def _guide_setup(ctx, cond, uncond, perturbed, s1_t, s1, s2_t, s2, rescale, orig
     ctx.s1, ctx.s2, ctx.rescale, ctx.original = s1, s2, rescale, original
 
 
-def _guide_backward(ctx, grad, zero_star):
+def _guide_backward(ctx, grad, zero_star, i_s1, i_s2=None):
     """out = f * g,  g = base + s1 (c - a u) + s2 (c - p),  base = a u (c when original),
     a = <c, u> / (|u|^2 + 1e-8) per sample for CFG-Zero* (1 otherwise),
     f = r std(c) / std(g) + 1 - r per sample when rescale r > 0 and std(g) != 0 (1 otherwise)."""
@@ -94,8 +94,8 @@ def _guide_backward(ctx, grad, zero_star):
     else:
         gu = gua
     gp = -s2 * G if p is not None else None
-    gs1 = _scale_grad(s1_t, G * (c - ua), s1_t is not None and s1_t.requires_grad)
-    gs2 = _scale_grad(s2_t, G * (c - p), s2_t is not None and s2_t.requires_grad) if p is not None else None
+    gs1 = _scale_grad(s1_t, G * (c - ua), need[i_s1])
+    gs2 = _scale_grad(s2_t, G * (c - p), need[i_s2]) if p is not None else None
     return _cast(gc, cond, need[0]), _cast(gu, uncond, need[1]), _cast(gp, cond, p is not None), gs1, gs2
 
 
@@ -105,12 +105,12 @@ def _cfg_setup(ctx, inputs, output):
 
 
 def _cfg_backward(ctx, grad):
-    gc, gu, _, gs, _ = _guide_backward(ctx, grad, zero_star=False)
+    gc, gu, _, gs, _ = _guide_backward(ctx, grad, zero_star=False, i_s1=2)
     return gc, gu, gs, None, None, None
 
 
 def _cfg_zero_star_backward(ctx, grad):
-    gc, gu, _, gs, _ = _guide_backward(ctx, grad, zero_star=True)
+    gc, gu, _, gs, _ = _guide_backward(ctx, grad, zero_star=True, i_s1=2)
     return gc, gu, gs, None, None, None
 
 
@@ -120,7 +120,7 @@ def _pag_setup(ctx, inputs, output):
 
 
 def _pag_backward(ctx, grad):
-    gc, gu, gp, gs1, gs2 = _guide_backward(ctx, grad, zero_star=False)
+    gc, gu, gp, gs1, gs2 = _guide_backward(ctx, grad, zero_star=False, i_s1=3, i_s2=5)
     return gc, gu, (gp if ctx.needs_input_grad[2] else None), gs1, None, gs2, None, None, None
 
 
