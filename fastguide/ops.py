@@ -220,8 +220,9 @@ class _Op:
     """What the wrappers call: the OpOverload `torch.ops.fastguide.<name>.default` (`.default` skips the
     overload lookup), entered below the Autograd key when no gradient can be needed. The Autograd kernels
     are Python functions (register_autograd), and entering one costs 10-40 us a call on CPU, more than the
-    whole kernel at small sizes; plain CPU / CUDA tensors outside torch.compile, functorch transforms and
-    dispatch modes, with no input requiring grad (or grad mode off), go straight to the backend kernel."""
+    whole kernel at small sizes; plain CPU / CUDA tensors outside torch.compile, functorch transforms,
+    dispatch modes and the profiler, with no input requiring grad (or grad mode off), go straight to the
+    backend kernel."""
     __slots__ = ("op", "_handle")
 
     def __init__(self, op):
@@ -244,8 +245,8 @@ class _Op:
                 return self.op(*args)
         keys = _BACKEND_KEYS.get(device)
         if (keys is None or torch._C._are_functorch_transforms_active() or torch._C._len_torch_dispatch_stack()
-                or torch._C._is_torch_function_mode_enabled()):
-            return self.op(*args)
+                or torch._C._is_torch_function_mode_enabled() or torch._C._autograd._profiler_enabled()):
+            return self.op(*args)  # (a redispatch records no profiler event for the op itself)
         return self._handle.redispatch_boxed(keys, *args)
 
 

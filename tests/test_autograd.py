@@ -238,3 +238,13 @@ def test_wrappers_below_autograd_still_seen_by_dispatch_modes_and_grad_mode():
     with torch.no_grad():
         assert fastguide.cfg(c, u, 2.0).grad_fn is None
     assert fastguide.cfg(c, u, 2.0).grad_fn is not None
+
+
+def test_wrappers_show_the_op_to_the_profiler():
+    from torch.profiler import profile
+
+    c, u = rand(n=2)
+    with profile() as prof:
+        fastguide.cfg(c.detach(), u.detach(), 2.0)
+    top = [e.name for e in prof.events() if e.cpu_parent is None]
+    assert "fastguide::cfg" in top
