@@ -1,4 +1,4 @@
-"""Build fastguide: the C++ extension (op schemas + fused CPU kernels) and the Triton kernels.
+"""Build fastguide: the C++ extension (the fused CPU kernels; the op schemas are in fastguide/ops.py) and the Triton kernels.
 
 Build against the torch that is already installed, without build isolation:
 

@@ -1,5 +1,5 @@
 #pragma once
-// Shared by the ATen-side drivers: the op schemas, argument checks, the test-suite poison switch and
+// Shared by the ATen-side drivers: argument checks, the test-suite poison switch and
 // the runtime ISA dispatch (the element loops themselves are in kernels.inc, see isa.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -14,29 +14,6 @@
 #include "isa.h"
 
 namespace fastguide {
-
-// Every scale appears twice: `Tensor? <name>_t` and `float <name>`. A tensor (0-d or [B], on the
-// input's device) wins when given: a CUDA graph or a compiled graph can then take a new value each
-// step without a recompile or host sync. A Python float needs no allocation.
-// Must equal fastguide/ops.py SCHEMAS (tests/test_build.py checks).
-inline constexpr const char* kSchemas[] = {
-    // guidance.cpp: out = f * (base + s1 * (c - alpha u) + s2 * (c - p)), see there.
-    "cfg(Tensor cond, Tensor uncond, Tensor? scale_t, float scale, float rescale, bool original) -> Tensor",
-    "pag(Tensor cond, Tensor uncond, Tensor perturbed, Tensor? scale_t, float scale, Tensor? pag_scale_t, "
-    "float pag_scale, float rescale, bool original) -> Tensor",
-    "cfg_zero_star(Tensor cond, Tensor uncond, Tensor? scale_t, float scale, float rescale, bool original) -> Tensor",
-    // apg.cpp: norm groups are contiguous runs of group_size elements (the wrapper permutes).
-    "apg(Tensor cond, Tensor uncond, Tensor? scale_t, float scale, float eta, float norm_threshold, "
-    "float momentum, Tensor(a!)? momentum_buffer, int group_size, bool original) -> Tensor",
-    // [G, 7] fp32: <c,u>, |c|^2, |u|^2, <c,g>, |g|^2, cos(c,u), cos(c,g).
-    "guidance_stats(Tensor cond, Tensor uncond, Tensor? guided, int group_size) -> Tensor",
-    // frequency.cpp: low(x) = sum_t ah[t] @ x @ aw[t]^T over the last two dims (see fastguide/frequency.py).
-    "frequency_cfg(Tensor cond, Tensor uncond, Tensor ah, Tensor aw, Tensor? low_t, float low, Tensor? high_t, "
-    "float high, bool original) -> Tensor",
-    "frequency_split(Tensor x, Tensor ah, Tensor aw) -> Tensor",
-    // cfgpp.cpp: x_next = a x + b (u + scale (c - u)) + c u (the coefficients come from the wrappers).
-    "cfgpp_step(Tensor x, Tensor cond, Tensor uncond, float a, float b, float c, Tensor? scale_t, float scale) -> Tensor",
-};
 
 // FASTGUIDE_POISON_OUTPUTS=1 (set by the test suite) fills every output with NaN before the
 // kernel writes it, so an element a kernel forgets cannot hide behind allocator reuse.

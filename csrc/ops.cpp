@@ -1,15 +1,12 @@
-// Op schemas of the fastguide namespace (listed in common.h). The CPU kernels register in their
-// own files (TORCH_LIBRARY_IMPL); the CUDA kernels (Triton) and fake implementations in
-// fastguide/ops.py, which impl_abstract_pystub points the dispatcher to.
+// The Python module of the extension. The op schemas of the fastguide namespace are defined in one place,
+// fastguide/ops.py SCHEMAS (torch.library, with the fakes, the Triton kernels and the autograd formulas);
+// this library only registers CPU implementations, each family in its own file (TORCH_LIBRARY_IMPL). The
+// dispatcher accepts an implementation before its schema: importing fastguide._C first is fine, and when
+// ops.py defines a schema it checks it against the one inferred from the C++ signature.
 #include <torch/extension.h>
 #include <torch/library.h>
 
 #include "common.h"
-
-TORCH_LIBRARY(fastguide, m) {
-  m.impl_abstract_pystub("fastguide.ops");
-  for (const char* schema : fastguide::kSchemas) m.def(schema);
-}
 
 namespace {
 
@@ -29,8 +26,6 @@ auto value_errors(F&& fn) -> decltype(fn()) {
 // ISA dispatch (csrc/isa.cpp): FASTGUIDE_CPU_ISA is read here, at import.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   fastguide::isa::init();
-  m.attr("schemas") = pybind11::cast(std::vector<std::string>(std::begin(fastguide::kSchemas),
-                                                              std::end(fastguide::kSchemas)));
   m.def("supported_cpu_isas", &fastguide::isa::supported,
         "The kernel copies this CPU can run, narrowest first: a subset of ['baseline', 'avx2', 'avx512'].");
   m.def(

@@ -64,14 +64,18 @@ def cfg_zero_star(cond, uncond, scale_t, scale, rescale, original):
 
 
 def apg(cond, uncond, scale_t, scale, eta, norm_threshold, momentum, momentum_buffer, group_size, original):
-    """diffusers' normalized_guidance on contiguous groups of `group_size` elements, in fp32."""
+    """diffusers' normalized_guidance on contiguous groups of `group_size` elements, in fp32 (fp64 for
+    fp64 inputs). Differentiable in cond, uncond and scale_t: `fastguide.apg` runs it when a gradient
+    is needed (the op's schema mutates the buffer, so it has no registered formula)."""
     acc = _acc(cond)
     c = cond.to(acc).reshape(-1, group_size)
     u = uncond.to(acc).reshape(-1, group_size)
     m = c - u
     if momentum_buffer is not None:
         stored = (m + momentum * momentum_buffer.to(acc).reshape(m.shape)).to(cond.dtype)
-        momentum_buffer.copy_(stored.view(momentum_buffer.shape))
+        # The buffer is state: it takes the values, never the graph (a gradient does not flow into
+        # earlier steps through it; fastguide.apg documents it).
+        momentum_buffer.copy_(stored.detach().view(momentum_buffer.shape))
         m = stored.to(acc)
     k = torch.ones((m.shape[0], 1), dtype=acc, device=m.device)
     if norm_threshold > 0:

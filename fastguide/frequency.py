@@ -5,7 +5,8 @@ Each low-pass filter here acts separably and linearly on the last two dims, so f
     low(X) = sum_t  A_H[t] @ X @ A_W[t]^T
 with small real matrices built once in float64 and cached per (method, size, parameters, device, dtype):
     fft_box   Re(F^-1 diag(box) F) on each axis: two terms (real parts, minus imaginary parts), because
-              FreSca's box [c - cutoff, c + cutoff) is not symmetric around DC for even sizes
+              FreSca's box [c - k, c + k) (c = n // 2, k the clamped cutoff, see _params) is not symmetric
+              around DC for even sizes, nor for odd ones when k = c
     bilinear  up(down(.)) with F.interpolate(mode="bilinear", align_corners=False): one term
     laplacian P_i = pyrup^i o pyrdown^i as kornia computes them (5-tap [1 4 6 4 1]/16 blur, reflect
               border, bilinear resize). A Laplacian pyramid rebuilds exactly, so level i of the rebuilt
@@ -57,12 +58,8 @@ def _axis_operators(method, n, param):
     """float64 CPU matrices [T, n, n] of the 1-D low-pass operator along one axis."""
     eye = torch.eye(n, dtype=torch.float64)
     if method == "fft_box":
-        # FreSca: fftshift, box [c - cutoff, c + cutoff) with c = n // 2, clamped to the axis
-        # (Python's negative-start slice would wrap around; we clamp), ifftshift.
-        c = n // 2
-        box = torch.zeros(n, dtype=torch.float64)
-        box[max(c - param, 0):min(c + param, n)] = 1.0
-        a = torch.fft.ifft(torch.fft.ifftshift(box)[:, None] * torch.fft.fft(eye, dim=0), dim=0)
+        # FreSca: fftshift, box [c - k, c + k) with c = n // 2 and k <= c already clamped (_params), ifftshift.
+        a = torch.fft.ifft(_box(n, param)[:, None] * torch.fft.fft(eye, dim=0), dim=0)
         # Re((R + iI) X (R' + iI')^T) = R X R'^T - I X I'^T: the second term carries the sign on one axis.
         return a.real, a.imag
     if method == "bilinear":
@@ -113,16 +110,21 @@ def operators(method, H, W, param_h, param_w, device, dtype):
     return _cached((method, H, W, param_h, param_w, str(device), dtype), build)
 
 
+def _box(n, k):
+    """FreSca's 1-D box on the unshifted spectrum: ones on [n//2 - k, n//2 + k) of the fftshifted axis
+    (0 <= k <= n // 2, so the slice never wraps), ifftshifted. float64."""
+    c = n // 2
+    assert 0 <= k <= c, (n, k)
+    m = torch.zeros(n, dtype=torch.float64)
+    m[c - k:c + k] = 1.0
+    return torch.fft.ifftshift(m)
+
+
 @torch._dynamo.assume_constant_result
 def _fft_mask(H, W, ch, cw, device, dtype):
-    """FreSca's box (clamped) on the unshifted spectrum: the outer product of two ifftshifted 1-D boxes."""
-    def box(n, c):
-        m = torch.zeros(n, dtype=torch.float64)
-        m[max(n // 2 - c, 0):min(n // 2 + c, n)] = 1.0
-        return torch.fft.ifftshift(m)
-
+    """FreSca's box on the unshifted spectrum: the outer product of two 1-D boxes."""
     return _cached(("fft_mask", H, W, ch, cw, str(device), dtype),
-                   lambda: (box(H, ch)[:, None] * box(W, cw)[None, :]).to(device=device, dtype=dtype))
+                   lambda: (_box(H, ch)[:, None] * _box(W, cw)[None, :]).to(device=device, dtype=dtype))
 
 
 def _direct(method, H, W):
@@ -139,7 +141,10 @@ def _direct_lowpass(x, method, ph, pw):
     return low.view(x.shape)
 
 
-def _params(op, x, method, cutoff, size, levels=None):
+CUTOFF_CLAMPS = ("fresca", "comfyui")
+
+
+def _params(op, x, method, cutoff, size, levels=None, cutoff_clamp="fresca"):
     if x.dim() < 2:
         raise ValueError(f"fastguide.{op}: input must be [..., H, W], got shape {tuple(x.shape)}")
     H, W = x.shape[-2], x.shape[-1]
@@ -149,7 +154,15 @@ def _params(op, x, method, cutoff, size, levels=None):
         if not isinstance(cutoff, numbers.Integral) or isinstance(cutoff, bool) or cutoff < 0:
             raise ValueError(f"fastguide.{op}: method='fft_box' needs cutoff= an int >= 0 (frequency indices), "
                              f"got {cutoff!r}")
-        return int(cutoff), int(cutoff)
+        # FreSca's code (core/fresca.py) clamps one cutoff at min(H // 2, W // 2) for both axes; ComfyUI's
+        # node clamps each axis at its own n // 2. They differ only when cutoff > min(H, W) // 2 and
+        # H // 2 != W // 2. Either way the box [n//2 - k, n//2 + k) never covers index n - 1 of an odd axis.
+        if cutoff_clamp == "fresca":
+            k = min(int(cutoff), H // 2, W // 2)
+            return k, k
+        if cutoff_clamp == "comfyui":
+            return min(int(cutoff), H // 2), min(int(cutoff), W // 2)
+        raise ValueError(f"fastguide.{op}: cutoff_clamp must be one of {CUTOFF_CLAMPS}, got {cutoff_clamp!r}")
     if method == "bilinear":
         if (not isinstance(size, (tuple, list)) or len(size) != 2
                 or not all(isinstance(s, numbers.Integral) and s >= 1 for s in size)):
@@ -163,16 +176,20 @@ def _params(op, x, method, cutoff, size, levels=None):
     raise ValueError(f"fastguide.{op}: method must be one of {METHODS}, got {method!r}")
 
 
-def frequency_split(x, *, method="fft_box", cutoff=None, size=None):
+def frequency_split(x, *, method="fft_box", cutoff=None, size=None, cutoff_clamp="fresca"):
     """(low, high) with low + high == x, for x of shape [..., H, W] (any leading dims).
 
-    method="fft_box": FreSca's box of half-width `cutoff` frequency indices around the centre of the
-    shifted spectrum (cutoff >= ceil(H/2) and ceil(W/2): everything is low; 0: nothing).
+    method="fft_box": FreSca's box: frequency rows [H//2 - k, H//2 + k) and columns [W//2 - k, W//2 + k)
+    of the fftshifted spectrum, k = min(cutoff, H // 2, W // 2) as in FreSca's code (cutoff 0: nothing is
+    low). `cutoff_clamp="comfyui"`: each axis clamped at its own n // 2 instead, as ComfyUI's FreSca node
+    does (the same box unless cutoff > min(H, W) // 2 and H // 2 != W // 2). The box holds the whole
+    spectrum only for even H == W with cutoff >= H // 2 (comfyui: even H and W, cutoff >= max(H, W) // 2):
+    on an odd axis it never holds the last shifted index.
     method="bilinear": FreCaS, low = bilinear resize to `size=(h, w)` and back.
     """
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"fastguide.frequency_split: x must be a floating tensor, got {getattr(x, 'dtype', type(x))}")
-    ph, pw = _params("frequency_split", x, method, cutoff, size)
+    ph, pw = _params("frequency_split", x, method, cutoff, size, cutoff_clamp=cutoff_clamp)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     if _direct(method, x.shape[-2], x.shape[-1]):
         low = _direct_lowpass(x.to(acc), method, ph, pw).to(x.dtype)
@@ -183,17 +200,18 @@ def frequency_split(x, *, method="fft_box", cutoff=None, size=None):
 
 
 def frequency_cfg(cond, uncond, scale_low, scale_high, *, method="fft_box", cutoff=None, size=None, rescale=0.0,
-                  original=False):
+                  original=False, cutoff_clamp="fresca"):
     """`uncond + scale_low * low(d) + scale_high * high(d)`, d = cond - uncond (`cond + ...` when original),
-    then guidance rescale. FreSca-on-CFG (method="fft_box", cutoff=) and FreCaS FA-CFG (method="bilinear",
-    size=) in one fused op. Scales: float, 0-d tensor or [B] tensor. Inputs [B, ..., H, W].
+    then guidance rescale. FreSca-on-CFG (method="fft_box", cutoff=, cutoff_clamp= as in `frequency_split`)
+    and FreCaS FA-CFG (method="bilinear", size=) in one fused op. Scales: float, 0-d tensor or [B] tensor.
+    Inputs [B, ..., H, W]. Differentiable in cond, uncond and tensor scales.
     """
     ops._check_pair("frequency_cfg", cond, uncond, "uncond")
     if cond.dim() < 3:
         # [B, N] would be one H=B x W=N plane: the low-pass would mix samples. Not a guidance input.
         raise ValueError(f"fastguide.frequency_cfg: inputs must be [B, ..., H, W] (>= 3 dims, batch first), got shape "
                          f"{tuple(cond.shape)}; for one plane per sample use cond[:, None]")
-    ph, pw = _params("frequency_cfg", cond, method, cutoff, size)
+    ph, pw = _params("frequency_cfg", cond, method, cutoff, size, cutoff_clamp=cutoff_clamp)
     return _guided(cond, uncond, scale_low, scale_high, method, ph, pw, rescale, original)
 
 

@@ -1,14 +1,17 @@
-"""fastguide's ops: schemas, fake implementations, backend registration and public wrappers.
+"""fastguide's ops: schemas, fake implementations, autograd, backend registration and public wrappers.
 
-Every op is `torch.ops.fastguide.<name>`, dispatched by device through the PyTorch dispatcher:
+Every op is `torch.ops.fastguide.<name>`, defined here (SCHEMAS: the one place its schema is written)
+and dispatched by device through the PyTorch dispatcher:
 
     CPU    C++ kernel from csrc/ (fastguide._C), registered there with TORCH_LIBRARY_IMPL
     CUDA   Triton kernel from kernels/ (fastguide.kernels), registered below
     other  / a missing backend: the plain-PyTorch implementation in _eager.py
            (CompositeExplicitAutograd; backend-specific kernels take precedence over it)
 
-The public wrappers validate their arguments (clear errors before any kernel runs) and turn each
-scale into the schema's pair `(Tensor? <name>_t, float <name>)`.
+Autograd: every op but apg has a backward formula (_autograd.py, torch.library.register_autograd);
+apg mutates its momentum buffer, so its public wrapper runs the differentiable eager math when a
+gradient is needed. The public wrappers validate their arguments (clear errors before any kernel runs)
+and turn each scale into the schema's pair `(Tensor? <name>_t, float <name>)`.
 """
 import math
 import numbers
@@ -16,14 +19,20 @@ import warnings
 
 import torch
 
-from . import _eager
+from . import _autograd, _eager
 
-# Must equal csrc/guidance.h kSchemas (tests/test_build.py checks); used when _C is missing.
+# The op schemas, defined once (torch.library below); the C++ extension only registers CPU kernels for
+# them (tests/test_build.py checks it registers one for each and for nothing else).
+# Every scale appears twice: `Tensor? <name>_t` and `float <name>`. A tensor (0-d or [B], on the
+# input's device) wins when given: a CUDA graph or a compiled graph can then take a new value each
+# step without a recompile or host sync. A Python float needs no allocation.
 SCHEMAS = (
+    # guidance.cpp: out = f * (base + s1 * (c - alpha u) + s2 * (c - p)), see there.
     "cfg(Tensor cond, Tensor uncond, Tensor? scale_t, float scale, float rescale, bool original) -> Tensor",
     "pag(Tensor cond, Tensor uncond, Tensor perturbed, Tensor? scale_t, float scale, Tensor? pag_scale_t, "
     "float pag_scale, float rescale, bool original) -> Tensor",
     "cfg_zero_star(Tensor cond, Tensor uncond, Tensor? scale_t, float scale, float rescale, bool original) -> Tensor",
+    # apg.cpp: norm groups are contiguous runs of group_size elements (the wrapper permutes).
     "apg(Tensor cond, Tensor uncond, Tensor? scale_t, float scale, float eta, float norm_threshold, "
     "float momentum, Tensor(a!)? momentum_buffer, int group_size, bool original) -> Tensor",
     # [G, 7] fp32: <c,u>, |c|^2, |u|^2, <c,g>, |g|^2, cos(c,u), cos(c,g).
@@ -44,9 +53,15 @@ SCHEMAS = (
 )
 OPS = tuple(s.split("(", 1)[0] for s in SCHEMAS)
 
+# "DEF": this module owns the namespace; a second definition anywhere (a stale extension built with
+# TORCH_LIBRARY) is an error at import rather than two diverging copies.
+_lib = torch.library.Library("fastguide", "DEF")
+for _schema in SCHEMAS:
+    _lib.define(_schema)
+
 # --- backends ---------------------------------------------------------------------------------
 try:
-    from . import _C  # noqa: F401  (defines the schemas and the CPU kernels)
+    from . import _C  # noqa: F401  (registers the CPU kernels; loads before or after the schemas alike)
 
     CPU_BACKEND, CPU_ERROR = "C++ (fastguide._C)", None
 except ImportError as exc:  # extension not built, or built against another torch
@@ -73,13 +88,6 @@ try:
 except Exception as exc:  # noqa: BLE001 - triton missing or broken: fall back, say why
     _TRITON, CUDA_BACKEND, CUDA_ERROR = {}, None, f"{type(exc).__name__}: {exc}"
 
-_lib = torch.library.Library("fastguide", "FRAGMENT")
-# The ops _C defines (its kSchemas) are not defined again; newer ops have their schema here only and _C
-# registers just their CPU kernels (TORCH_LIBRARY_IMPL may precede the definition, as in torchao).
-_DEFINED_IN_C = set(getattr(_C, "schemas", ())) if CPU_BACKEND is not None else set()
-for _schema in SCHEMAS:
-    if _schema not in _DEFINED_IN_C:
-        _lib.define(_schema)
 for _name in OPS:
     _lib.impl(_name, getattr(_eager, _name), "CompositeExplicitAutograd")
     if _name in _TRITON:
@@ -127,6 +135,29 @@ _FAKES = {"guidance_stats": _fake_stats, "lincomb": _fake_lincomb, "diff_stats":
           "mahiro_sim": _fake_mahiro_sim}
 for _name in OPS:
     torch.library.register_fake(f"fastguide::{_name}", _FAKES.get(_name, _fake), lib=_lib)
+
+
+# --- autograd ------------------------------------------------------------------------------------
+def _no_autograd(name):
+    """The Autograd kernel of an op without a formula: an error when a gradient is needed (instead of
+    PyTorch's fallback, which warns and returns None gradients), the kernels otherwise."""
+    handle = getattr(torch.ops.fastguide, name).default._handle
+
+    def kernel(keyset, *args):
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            raise RuntimeError(f"fastguide::{name} has no autograd formula; call the public wrapper "
+                               f"fastguide.{name}(...) (differentiable), or detach the inputs")
+        return handle.redispatch_boxed(keyset & torch._C._after_autograd_keyset, *args)
+
+    return kernel
+
+
+for _name in OPS:
+    if _name in _autograd.FORMULAS:
+        _setup, _backward = _autograd.FORMULAS[_name]
+        torch.library.register_autograd(f"fastguide::{_name}", _backward, setup_context=_setup, lib=_lib)
+    else:
+        _lib.impl(_name, _no_autograd(_name), "Autograd", with_keyset=True)
 
 
 # --- argument checks ---------------------------------------------------------------------------
@@ -205,8 +236,46 @@ def _rescale(op, rescale):
 
 
 # --- public wrappers ---------------------------------------------------------------------------
-# OpOverload handles: calling `.default` skips the overload lookup of `torch.ops.fastguide.<op>(...)`.
-_op = {name: getattr(torch.ops.fastguide, name).default for name in OPS}
+_BACKEND_KEYS = {"cpu": torch._C.DispatchKeySet(torch._C.DispatchKey.CPU),
+                 "cuda": torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)}
+_SCALARS = frozenset((float, int, bool, type(None)))
+
+
+class _Op:
+    """What the wrappers call: the OpOverload `torch.ops.fastguide.<name>.default` (`.default` skips the
+    overload lookup), entered below the Autograd key when no gradient can be needed. The Autograd kernels
+    are Python functions (register_autograd), and entering one costs 10-40 us a call on CPU, more than the
+    whole kernel at small sizes; plain CPU / CUDA tensors outside torch.compile, functorch transforms,
+    dispatch modes and the profiler, with no input requiring grad (or grad mode off), go straight to the
+    backend kernel."""
+    __slots__ = ("op", "_handle")
+
+    def __init__(self, op):
+        self.op = op
+        self._handle = op._handle  # (OpOverload.redispatch looks the schema up again on every call)
+
+    def __call__(self, *args):
+        if torch.compiler.is_compiling():
+            return self.op(*args)
+        grad = torch.is_grad_enabled()
+        device = None
+        for a in args:
+            t = type(a)
+            if t is torch.Tensor:
+                if grad and a.requires_grad:
+                    return self.op(*args)
+                if device is None:
+                    device = a.device.type
+            elif t not in _SCALARS:  # a tensor subclass (FakeTensor, Parameter, ...): the full dispatch
+                return self.op(*args)
+        keys = _BACKEND_KEYS.get(device)
+        if (keys is None or torch._C._are_functorch_transforms_active() or torch._C._len_torch_dispatch_stack()
+                or torch._C._is_torch_function_mode_enabled() or torch._C._autograd._profiler_enabled()):
+            return self.op(*args)  # (a redispatch records no profiler event for the op itself)
+        return self._handle.redispatch_boxed(keys, *args)
+
+
+_op = {name: _Op(getattr(torch.ops.fastguide, name).default) for name in OPS}
 
 def cfg(cond, uncond, scale, *, rescale=0.0, original=False):
     """Classifier-free guidance: `uncond + scale * (cond - uncond)` (`cond + ...` when `original`),
@@ -372,6 +441,8 @@ def apg(cond, uncond, scale, *, eta=1.0, norm_threshold=0.0, momentum=None, mome
     Norms are over `norm_dim` (None: all non-batch dims; an int or tuple like diffusers).
     Momentum state: `momentum_buffer=fastguide.MomentumBuffer(momentum)` (or a tensor of cond's shape
     plus `momentum=`), updated in place; it is validated before anything is written.
+    Differentiable in cond, uncond and a tensor scale (through the plain-PyTorch math when a gradient is
+    needed); the momentum state is not: its previous value is a constant of this step.
     """
     _check_pair("apg", cond, uncond, "uncond")
     st, s = _scale("apg", "scale", scale, cond)
@@ -386,17 +457,23 @@ def apg(cond, uncond, scale, *, eta=1.0, norm_threshold=0.0, momentum=None, mome
     buf, mom, bind = _momentum_state("apg", momentum, momentum_buffer, cond)
     if cond.numel() == 0:  # no groups to normalise (an empty feature dim): nothing to compute or carry
         return torch.empty(cond.shape, dtype=cond.dtype, device=cond.device)
-    if buf is None and torch.compiler.is_compiling():
+    # A gradient needed: the same math in differentiable plain PyTorch (the fused op mutates the buffer and
+    # has no formula). The buffer gets the same values in place, detached: no gradient flows into earlier
+    # steps through the momentum state.
+    grad = torch.is_grad_enabled() and (cond.requires_grad or uncond.requires_grad
+                                        or (st is not None and st.requires_grad))
+    run = _eager.apg if grad else _op["apg"]
+    if buf is None and not grad and torch.compiler.is_compiling():
         # inductor cannot lower an optional mutable argument given None ("getitem is not an OpOverload"):
         # under torch.compile a zero scratch buffer with momentum 0 (stored = m) stands in for "no momentum".
         buf, mom = torch.zeros_like(cond), 0.0
     args = (st, s, float(eta), float(norm_threshold), mom)
     if perm is None:
-        out = _op["apg"](cond, uncond, *args, buf, K, bool(original))
+        out = run(cond, uncond, *args, buf, K, bool(original))
     else:
         inv = _inverse(perm)
         bp = buf.permute(perm).contiguous() if buf is not None else None
-        out = _op["apg"](cond.permute(perm), uncond.permute(perm), *args, bp, K, bool(original))
+        out = run(cond.permute(perm), uncond.permute(perm), *args, bp, K, bool(original))
         out = out.permute(inv).contiguous()
         if buf is not None:
             buf.copy_(bp.permute(inv))
@@ -442,6 +519,8 @@ def guidance_stats(cond, uncond, guided=None, *, norm_dim=None):
     Groups as in `apg`'s norm_dim (None: one group per sample, shape [B]). Cosines follow
     `F.cosine_similarity` (each norm clamped at 1e-8). Adaptive Guidance compares cos(cond, guided)
     with a threshold to decide when to stop evaluating the unconditional branch.
+    Differentiable: the backward formula works on the inputs in fp32 (fp64 for fp64 inputs); the values
+    themselves stay fp32 sums, so a loss on them is as precise as fp32.
     """
     _check_pair("guidance_stats", cond, uncond, "uncond")
     if guided is not None:

@@ -183,3 +183,38 @@ def comfy_dpmpp_2m_cfg_pp(x, eps_pairs, lam, sigmas):
         old_uncond_denoised = uncond_denoised
         xs.append(x)
     return xs
+
+
+# --- FreSca's Fourier filter: the official code and ComfyUI's node ------------------------------------
+def fresca_fourier_filter(x, scale_low, scale_high, freq_cutoff):
+    """FreSca's `Fourier_filter` (github.com/WikiChao/FreSca, core/fresca.py), transcribed line by line for a
+    (B, C, H, W) input, except that it computes in x's dtype (the original casts to float32). One cutoff,
+    clamped at min(H // 2, W // 2), for both axes."""
+    x_freq = torch.fft.fftn(x, dim=(-2, -1))
+    x_freq = torch.fft.fftshift(x_freq, dim=(-2, -1))
+    B, C, H, W = x_freq.shape
+    crow, ccol = H // 2, W // 2
+    freq_cutoff = min(freq_cutoff, min(crow, ccol))
+    mask = torch.full((B, C, H, W), scale_high, device=x.device, dtype=x.dtype)
+    mask[..., crow - freq_cutoff:crow + freq_cutoff, ccol - freq_cutoff:ccol + freq_cutoff] = scale_low
+    x_freq.mul_(mask)
+    return torch.fft.ifftn(torch.fft.ifftshift(x_freq, dim=(-2, -1)), dim=(-2, -1)).real
+
+
+def comfyui_fourier_filter(x, scale_low, scale_high, freq_cutoff):
+    """ComfyUI's `Fourier_filter` (comfy_extras/nodes_fresca.py, the FreSca node), transcribed line by line,
+    in x's dtype (the original casts to float32). Each non-(B, C) axis clamped at its own n // 2 (for a 5-D
+    input it narrows the box along dim 2 too, which the FFT does not transform)."""
+    x_freq = torch.fft.fftn(x, dim=(-2, -1))
+    x_freq = torch.fft.fftshift(x_freq, dim=(-2, -1))
+    mask = torch.ones(x_freq.shape, device=x.device, dtype=x.dtype) * scale_high
+    m = mask
+    for d in range(len(x_freq.shape) - 2):
+        dim = d + 2
+        cc = x_freq.shape[dim] // 2
+        f_c = min(freq_cutoff, cc)
+        m = m.narrow(dim, cc - f_c, f_c * 2)
+    m[:] = scale_low
+    x_freq = x_freq * mask
+    x_freq = torch.fft.ifftshift(x_freq, dim=(-2, -1))
+    return torch.fft.ifftn(x_freq, dim=(-2, -1)).real

@@ -14,14 +14,42 @@ from fastguide import bench, ops
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_cpp_schemas_equal_python_fallback_schemas():
+def test_extension_registers_a_cpu_kernel_for_every_schema_and_for_nothing_else():
+    """The schemas live in ops.SCHEMAS only; the C++ extension registers implementations (TORCH_LIBRARY_IMPL)."""
     if ops.CPU_BACKEND is None:
         pytest.fail(f"C++ extension did not load: {ops.CPU_ERROR}")
-    from fastguide import _C
-    # the newer ops (lincomb, diff_stats, cfg_norm, mahiro_sim) have their schema in Python only (ops.py defines it)
-    assert tuple(_C.schemas) == ops.SCHEMAS[:len(_C.schemas)]
-    for name in ops.OPS:
-        assert str(getattr(torch.ops.fastguide, name).default._schema) == f"fastguide::{ops.SCHEMAS[ops.OPS.index(name)]}"
+    for name, schema in zip(ops.OPS, ops.SCHEMAS):
+        assert str(getattr(torch.ops.fastguide, name).default._schema) == f"fastguide::{schema}"
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastguide::{name}", "CPU"), name
+    cpu = {n for n in torch._C._dispatch_get_registrations_for_dispatch_key("CPU") if n.startswith("fastguide::")}
+    assert cpu == {f"fastguide::{name}" for name in ops.OPS}
+    # an implementation whose op has no schema (a kernel ops.py lacks) would be a dangling registration
+    assert not [d for d in torch._C._dispatch_find_dangling_impls() if "fastguide::" in d]
+
+
+IMPORT_ORDER_SCRIPT = r"""
+import importlib.util, glob, os, sys, torch
+pkg = importlib.util.find_spec("fastguide").submodule_search_locations[0]
+spec = importlib.util.spec_from_file_location("fastguide._C", glob.glob(os.path.join(pkg, "_C*.so"))[0])
+ext = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ext)
+sys.modules["fastguide._C"] = ext
+assert any("fastguide::cfg" in d for d in torch._C._dispatch_find_dangling_impls())  # kernels, no schema yet
+import fastguide
+c, u = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+err = (fastguide.cfg(c, u, 4.0) - (u + 4.0 * (c - u))).abs().max().item()
+print(fastguide.backends()["cfg"]["cpu"], err < 1e-5,
+      torch._C._dispatch_has_kernel_for_dispatch_key("fastguide::cfg", "CPU"),
+      not [d for d in torch._C._dispatch_find_dangling_impls() if "fastguide::" in d])
+"""
+
+
+def test_extension_loaded_before_the_schemas_works():
+    """The other import order: the extension's CPU kernels registered before ops.py defines the schemas
+    (the usual order, `import fastguide._C` or `import fastguide`, defines them first: every other test)."""
+    out = subprocess.run([sys.executable, "-c", IMPORT_ORDER_SCRIPT], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["C++", "(fastguide._C)", "True", "True", "True"]
 
 
 def test_triton_kernels_install_inside_fastguide():

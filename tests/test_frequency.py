@@ -8,22 +8,20 @@ from diffusers.guiders import FrequencyDecoupledGuidance
 import fastguide
 from fastguide import frequency
 from fastguide.kernels import frequency as triton_frequency
+import reference
 from reference import rel_err
 
 
 # --- literal transcriptions of the peers (float64) --------------------------------------------
 def fresca_fourier_filter(x, scale_low, scale_high, freq_cutoff):
-    """FreSca's / ComfyUI's Fourier_filter, with the box clamped at 0 (see frequency.py)."""
-    x_freq = torch.fft.fftshift(torch.fft.fftn(x, dim=(-2, -1)), dim=(-2, -1))
-    H, W = x_freq.shape[-2:]
-    crow, ccol = H // 2, W // 2
-    mask = torch.ones(x_freq.shape, dtype=torch.float64) * scale_high
-    mask[..., max(crow - freq_cutoff, 0):crow + freq_cutoff, max(ccol - freq_cutoff, 0):ccol + freq_cutoff] = scale_low
-    return torch.fft.ifftn(torch.fft.ifftshift(x_freq * mask, dim=(-2, -1)), dim=(-2, -1)).real
+    """FreSca's official Fourier_filter (tests/reference.py) on each [H, W] plane of x (any leading dims)."""
+    H, W = x.shape[-2:]
+    return reference.fresca_fourier_filter(x.reshape(-1, 1, H, W), scale_low, scale_high, freq_cutoff).view(x.shape)
 
 
 def fresca_cfg(cond, uncond, cfg, scale_low, scale_high, cutoff):
-    """ComfyUI's FreSca node (pre-CFG: filtered guidance + uncond) followed by CFG with scale `cfg`."""
+    """FreSca's filter as ComfyUI's node applies it (pre-CFG: filtered guidance + uncond), then CFG with scale
+    `cfg` (the cutoffs used here are <= min(H, W) // 2, where ComfyUI's clamp equals the official one)."""
     filtered_cond = fresca_fourier_filter(cond - uncond, scale_low, scale_high, cutoff) + uncond
     return uncond + cfg * (filtered_cond - uncond)
 
@@ -44,7 +42,7 @@ def pair(shape, dtype=torch.float32, device="cpu"):
 
 # --- frequency_split ---------------------------------------------------------------------------
 FFT_CASES = [((2, 3, 16, 16), 4), ((1, 4, 15, 20), 3), ((2, 2, 9, 7), 0), ((2, 2, 9, 7), 5), ((2, 3, 32, 24), 8),
-             ((1, 4, 3, 6, 10), 2)]  # odd, H != W, cutoff 0, cutoff >= H/2 (all low), batch 1, 5-D video
+             ((1, 4, 3, 6, 10), 2), ((2, 2, 8, 8), 4)]  # odd, H != W, cutoff 0, large cutoff, batch 1, 5-D video
 
 
 @pytest.mark.parametrize("shape,cutoff", FFT_CASES, ids=str)
@@ -56,8 +54,35 @@ def test_split_fft_box_matches_torch_fft(shape, cutoff):
     torch.testing.assert_close(low + high, x.float())
     if cutoff == 0:
         assert low.abs().max() == 0
-    if cutoff >= (max(shape[-2:]) + 1) // 2:  # the box covers the whole spectrum
+    if shape[-1] == shape[-2] and shape[-1] % 2 == 0 and cutoff >= shape[-1] // 2:  # the box covers everything
         assert rel_err(low, x) <= 1e-6
+
+
+# Even and odd sides, square and not; every cutoff from 0 to past the largest half side.
+CUTOFF_SHAPES = [(6, 6), (7, 7), (6, 9), (9, 4), (5, 8), (8, 12)]
+
+
+@pytest.mark.parametrize("clamp", ["fresca", "comfyui"])
+@pytest.mark.parametrize("H,W", CUTOFF_SHAPES, ids=str)
+def test_fft_box_cutoff_clamp_equals_official_code(H, W, clamp):
+    """Every cutoff 0..max(H, W) // 2 + 2 against the transcriptions in tests/reference.py: FreSca's code (one
+    cutoff clamped at min(H // 2, W // 2), the default) and ComfyUI's node (each axis at its own n // 2),
+    on the fused-operator route and the direct torch.fft route, in float64."""
+    ref_filter = reference.fresca_fourier_filter if clamp == "fresca" else reference.comfyui_fourier_filter
+    c, u = pair((2, 3, H, W), torch.float64)
+    d = c - u
+    for cutoff in range(max(H, W) // 2 + 3):
+        low, _ = fastguide.frequency_split(d, cutoff=cutoff, cutoff_clamp=clamp)
+        assert rel_err(low, ref_filter(d, 1.0, 0.0, cutoff)) <= 1e-12, cutoff
+        out = fastguide.frequency_cfg(c, u, 2.0, 7.0, cutoff=cutoff, cutoff_clamp=clamp)
+        assert rel_err(out, u + ref_filter(d, 2.0, 7.0, cutoff)) <= 1e-12, cutoff
+        direct = frequency._direct_lowpass(d, "fft_box", *frequency._params("t", d, "fft_box", cutoff, None,
+                                                                            cutoff_clamp=clamp))
+        assert rel_err(direct, ref_filter(d, 1.0, 0.0, cutoff)) <= 1e-12, cutoff
+    differs = H // 2 != W // 2  # the two clamps give different boxes past min(H, W) // 2 only then
+    big = max(H, W) // 2
+    assert differs == (rel_err(fastguide.frequency_split(d, cutoff=big)[0],
+                               reference.comfyui_fourier_filter(d, 1.0, 0.0, big)) > 1e-3)
 
 
 @pytest.mark.parametrize("shape,size", [((2, 3, 16, 16), (8, 8)), ((1, 4, 15, 21), (7, 10)), ((2, 2, 12, 9), (12, 9)),
@@ -221,6 +246,7 @@ def test_operator_cache_is_bounded():
     (lambda x: fastguide.frequency_split(x, method="bilinear", size=4), r"size=\(h, w\)"),
     (lambda x: fastguide.frequency_split(x[..., :1], method="fft_box", cutoff=1), "H and W must be >= 2"),
     (lambda x: fastguide.frequency_split(x, method="wavelet", cutoff=1), "method must be one of"),
+    (lambda x: fastguide.frequency_cfg(x, x, 1.0, 2.0, cutoff=1, cutoff_clamp="x"), "cutoff_clamp must be one of"),
     (lambda x: fastguide.frequency_cfg(x, x[:1], 1.0, 2.0, cutoff=1), "uncond must have cond's shape"),
     (lambda x: fastguide.frequency_cfg(x, x, float("nan"), 2.0, cutoff=1), "scale_low must be finite"),
     (lambda x: fastguide.fdg(torch.randn(1, 4, 12, 12), torch.randn(1, 4, 12, 12), [3.0, 2.0]), "reflect-padded"),
@@ -232,7 +258,7 @@ def test_operator_cache_is_bounded():
      r"parallel_weights\[1\] must be a finite"),
     (lambda x: fastguide.fdg(x, x, [3.0, 2.0, 1.0], rescale=[0.0, 0.5]), "rescale needs one value per level"),
     (lambda x: fastguide.fdg(x, x, 3.0), "scales must be a list"),
-], ids=["cutoff<0", "no cutoff", "size too big", "size not pair", "W<2", "method", "shape", "nan scale",
+], ids=["cutoff<0", "no cutoff", "size too big", "size not pair", "W<2", "method", "clamp", "shape", "nan scale",
         "fdg padding", "fdg levels", "2-d input", "fdg nan scale 3 levels", "fdg scale shape",
         "fdg inf weight", "fdg rescale length", "fdg scalar scales"])
 def test_bad_input(call, match):

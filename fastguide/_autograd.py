@@ -1,0 +1,263 @@
+"""Backward formulas of the fastguide ops, registered with `torch.library.register_autograd` (fastguide/ops.py).
+
+Each formula is plain PyTorch on the saved inputs, so it runs on every device and torch.compile traces it
+(AOTAutograd puts it in the backward graph). Arithmetic as in the forward: fp32, fp64 for fp64 inputs (the
+frequency ops: the operators' dtype); the gradients come back in each input's dtype. Tensor scales
+(`scale_t`, `pag_scale_t`, `low_t`, `high_t`) get gradients too: summed to their shape (0-d or [B]).
+
+`FORMULAS[name] = (setup_context, backward)`. An op with no entry (apg: its schema mutates the momentum
+buffer, which register_autograd refuses) gets an Autograd kernel that raises when a gradient is needed
+(ops.py); the public `fastguide.apg` then routes through the differentiable eager math instead.
+"""
+import torch
+
+from ._eager import _acc, _lowpass, _per_sample
+
+
+def _view(x):
+    return (-1,) + (1,) * (x.dim() - 1)
+
+
+def _sum1(x):
+    """Per-sample sum of a [B, ...] tensor: [B]."""
+    return x.flatten(1).sum(1)
+
+
+def _scale_grad(t, prod, needed):
+    """The gradient of a tensor scale from the per-element product `grad * d out/d scale`: summed over
+    everything (0-d scale) or per sample ([B] scale), in the scale's dtype; None without a tensor."""
+    if t is None or not needed:
+        return None
+    g = prod.sum() if t.dim() == 0 else _sum1(prod)
+    return g.to(t.dtype)
+
+
+def _cast(g, like, needed):
+    return g.to(like.dtype) if needed and g is not None else None
+
+
+# --- cfg, pag, cfg_zero_star (+ guidance rescale) --------------------------------------------------
+def _guide_setup(ctx, cond, uncond, perturbed, s1_t, s1, s2_t, s2, rescale, original):
+    ctx.save_for_backward(cond, uncond, perturbed, s1_t, s2_t)
+    ctx.s1, ctx.s2, ctx.rescale, ctx.original = s1, s2, rescale, original
+
+
+def _guide_backward(ctx, grad, zero_star, i_s1, i_s2=None):
+    """out = f * g,  g = base + s1 (c - a u) + s2 (c - p),  base = a u (c when original),
+    a = <c, u> / (|u|^2 + 1e-8) per sample for CFG-Zero* (1 otherwise),
+    f = r std(c) / std(g) + 1 - r per sample when rescale r > 0 and std(g) != 0 (1 otherwise)."""
+    cond, uncond, pert, s1_t, s2_t = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    acc = _acc(cond)
+    c, u, G = cond.to(acc), uncond.to(acc), grad.to(acc)
+    s1 = _per_sample(s1_t, ctx.s1, c)
+    s2 = _per_sample(s2_t, ctx.s2, c) if pert is not None else 0.0
+    p = pert.to(acc) if pert is not None else None
+    if zero_star:
+        D = _sum1(u * u) + 1e-8
+        alpha = (_sum1(c * u) / D).view(_view(c))
+        ua = alpha * u
+    else:
+        ua = u
+    gc_direct = None
+    if ctx.rescale > 0:
+        # The guided prediction before the rescale, and the rescale's derivative (unbiased std like
+        # diffusers, over all non-batch dims; a zero std(g) leaves g unchanged, as the kernels do).
+        g = (c if ctx.original else ua) + s1 * (c - ua)
+        if p is not None:
+            g = g + s2 * (c - p)
+        n = c[0].numel()
+        r = ctx.rescale
+        gm = g - g.flatten(1).mean(1).view(_view(g))
+        cm = c - c.flatten(1).mean(1).view(_view(c))
+        sg = (_sum1(gm * gm) / (n - 1)).sqrt()
+        sc = (_sum1(cm * cm) / (n - 1)).sqrt()
+        ok = (sg != 0) & (n > 1)  # True for a NaN std: the NaN propagates, as in the forward
+        sg1 = torch.where(ok, sg, 1.0)
+        f = torch.where(ok, r * sc / sg1 + (1.0 - r), 1.0)
+        q = _sum1(G * g)  # <grad, g>
+        # d std(x) / dx = (x - mean) / ((n - 1) std(x)); at std(c) = 0 it does not exist: 0 is taken.
+        kg = torch.where(ok, -r * sc * q / (sg1 ** 3 * (n - 1)), 0.0)
+        kc = torch.where(ok & (sc != 0), r * q / (sg1 * torch.where(sc != 0, sc, 1.0) * (n - 1)), 0.0)
+        G = f.view(_view(g)) * G + kg.view(_view(g)) * gm
+        gc_direct = kc.view(_view(c)) * cm
+    # The linear part: dg/dc = [original] + s1 + s2, dg/d(a u) = [not original] - s1, dg/dp = -s2.
+    gc = G * ((1.0 if ctx.original else 0.0) + s1 + s2)
+    if gc_direct is not None:
+        gc = gc + gc_direct
+    gua = G * ((0.0 if ctx.original else 1.0) - s1)
+    if zero_star:
+        gu = alpha * gua
+        k = (_sum1(gua * u) / D).view(_view(u))  # d a / dc = u / D,  d a / du = (c - 2 a u) / D
+        gc = gc + k * u
+        gu = gu + k * (c - 2.0 * alpha * u)
+    else:
+        gu = gua
+    gp = -s2 * G if p is not None else None
+    gs1 = _scale_grad(s1_t, G * (c - ua), need[i_s1])
+    gs2 = _scale_grad(s2_t, G * (c - p), need[i_s2]) if p is not None else None
+    return _cast(gc, cond, need[0]), _cast(gu, uncond, need[1]), _cast(gp, cond, p is not None), gs1, gs2
+
+
+def _cfg_setup(ctx, inputs, output):
+    cond, uncond, scale_t, scale, rescale, original = inputs
+    _guide_setup(ctx, cond, uncond, None, scale_t, scale, None, 0.0, rescale, original)
+
+
+def _cfg_backward(ctx, grad):
+    gc, gu, _, gs, _ = _guide_backward(ctx, grad, zero_star=False, i_s1=2)
+    return gc, gu, gs, None, None, None
+
+
+def _cfg_zero_star_backward(ctx, grad):
+    gc, gu, _, gs, _ = _guide_backward(ctx, grad, zero_star=True, i_s1=2)
+    return gc, gu, gs, None, None, None
+
+
+def _pag_setup(ctx, inputs, output):
+    cond, uncond, perturbed, scale_t, scale, pag_scale_t, pag_scale, rescale, original = inputs
+    _guide_setup(ctx, cond, uncond, perturbed, scale_t, scale, pag_scale_t, pag_scale, rescale, original)
+
+
+def _pag_backward(ctx, grad):
+    gc, gu, gp, gs1, gs2 = _guide_backward(ctx, grad, zero_star=False, i_s1=3, i_s2=5)
+    return gc, gu, (gp if ctx.needs_input_grad[2] else None), gs1, None, gs2, None, None, None
+
+
+# --- frequency_cfg, frequency_split ----------------------------------------------------------------
+def _lowpass_t(x, ah, aw):
+    """The adjoint of low(x) = sum_t A_H[t] x A_W[t]^T: sum_t A_H[t]^T x A_W[t]."""
+    return _lowpass(x, ah.transpose(1, 2), aw.transpose(1, 2))
+
+
+def _operator_grads(gl, x, ah, aw, need_h, need_w):
+    """Gradients of <gl, low(x)> w.r.t. A_H and A_W (summed over every plane): gl A_W[t] x^T, gl^T A_H[t] x."""
+    gh = gw = None
+    if need_h:
+        gh = torch.stack([(gl @ aw[t] @ x.transpose(-1, -2)).reshape(-1, *ah.shape[1:]).sum(0)
+                          for t in range(ah.shape[0])]).to(ah.dtype)
+    if need_w:
+        gw = torch.stack([(gl.transpose(-1, -2) @ ah[t] @ x).reshape(-1, *aw.shape[1:]).sum(0)
+                          for t in range(aw.shape[0])]).to(aw.dtype)
+    return gh, gw
+
+
+def _frequency_cfg_setup(ctx, inputs, output):
+    cond, uncond, ah, aw, low_t, low, high_t, high, original = inputs
+    ctx.save_for_backward(cond, uncond, ah, aw, low_t, high_t)
+    ctx.low, ctx.high, ctx.original = low, high, original
+
+
+def _frequency_cfg_backward(ctx, grad):
+    """out = base + s_high d + (s_low - s_high) low(d), d = c - u, base = u (c when original)."""
+    cond, uncond, ah, aw, low_t, high_t = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    acc = ah.dtype
+    c, u, G = cond.to(acc), uncond.to(acc), grad.to(acc)
+    sl, sh = _per_sample(low_t, ctx.low, c), _per_sample(high_t, ctx.high, c)
+    gl = (sl - sh) * G
+    gd = sh * G + _lowpass_t(gl, ah, aw)
+    gc = gd + G if ctx.original else gd
+    gu = -gd if ctx.original else G - gd
+    gsl = gsh = gah = gaw = None
+    if need[4] or need[6] or need[2] or need[3]:
+        d = c - u
+        if need[4] or need[6]:
+            lo = _lowpass(d, ah, aw)
+            gsl = _scale_grad(low_t, G * lo, need[4])
+            gsh = _scale_grad(high_t, G * (d - lo), need[6])
+        gah, gaw = _operator_grads(gl, d, ah, aw, need[2], need[3])
+    return _cast(gc, cond, need[0]), _cast(gu, uncond, need[1]), gah, gaw, gsl, None, gsh, None, None
+
+
+def _frequency_split_setup(ctx, inputs, output):
+    x, ah, aw = inputs
+    ctx.save_for_backward(x, ah, aw)
+
+
+def _frequency_split_backward(ctx, grad):
+    x, ah, aw = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    G = grad.to(ah.dtype)
+    gx = _cast(_lowpass_t(G, ah, aw), x, need[0])
+    gah, gaw = _operator_grads(G, x.to(ah.dtype), ah, aw, need[1], need[2]) if need[1] or need[2] else (None, None)
+    return gx, gah, gaw
+
+
+# --- cfgpp_step -----------------------------------------------------------------------------------
+def _cfgpp_setup(ctx, inputs, output):
+    x, cond, uncond, a, b, c, scale_t, scale = inputs
+    ctx.save_for_backward(x, cond, uncond, scale_t)
+    ctx.a, ctx.b, ctx.c, ctx.scale = a, b, c, scale
+
+
+def _cfgpp_backward(ctx, grad):
+    """out = a x + b (u + s (cond - u)) + c u."""
+    x, cond, uncond, scale_t = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    acc = _acc(cond)
+    G = grad.to(acc)
+    s = _per_sample(scale_t, ctx.scale, G)
+    gx = _cast(ctx.a * G, x, need[0])
+    gc = _cast(ctx.b * s * G, cond, need[1])
+    gu = _cast((ctx.b * (1.0 - s) + ctx.c) * G, uncond, need[2])
+    gs = None
+    if need[6]:
+        gs = _scale_grad(scale_t, ctx.b * G * (cond.to(acc) - uncond.to(acc)), True)
+    return gx, gc, gu, None, None, None, gs, None
+
+
+# --- guidance_stats ---------------------------------------------------------------------------------
+def _stats_setup(ctx, inputs, output):
+    cond, uncond, guided, group_size = inputs
+    ctx.save_for_backward(cond, uncond, guided)
+    ctx.group_size = group_size
+
+
+def _cos_grads(x, y, sxy, sxx, syy, gcos):
+    """Gradients of cos = <x,y> / (max(|x|, 1e-8) max(|y|, 1e-8)) per group (rows): the clamp's
+    derivative is 0 below 1e-8, as F.cosine_similarity's."""
+    nx, ny = sxx.sqrt(), syy.sqrt()
+    ex, ey = nx.clamp_min(1e-8), ny.clamp_min(1e-8)
+    cos = sxy / (ex * ey)
+    kx = torch.where(nx > 1e-8, cos / (ex * ex), 0.0)
+    ky = torch.where(ny > 1e-8, cos / (ey * ey), 0.0)
+    w = (gcos / (ex * ey))[:, None]
+    return w * y - (gcos * kx)[:, None] * x, w * x - (gcos * ky)[:, None] * y
+
+
+def _stats_backward(ctx, grad):
+    """Columns <c,u>, |c|^2, |u|^2, <c,g>, |g|^2, cos(c,u), cos(c,g) per group of group_size elements."""
+    cond, uncond, guided = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    K = ctx.group_size
+    if K == 0:  # an empty input: nothing to differentiate
+        return (_cast(torch.zeros_like(cond), cond, need[0]), _cast(torch.zeros_like(uncond), uncond, need[1]),
+                None if guided is None else _cast(torch.zeros_like(guided), guided, need[2]), None)
+    acc = _acc(cond)
+    c, u = cond.to(acc).reshape(-1, K), uncond.to(acc).reshape(-1, K)
+    G = grad.to(acc)
+    scu, scc, suu = (c * u).sum(1), (c * c).sum(1), (u * u).sum(1)
+    gc = G[:, 0, None] * u + 2.0 * G[:, 1, None] * c
+    gu = G[:, 0, None] * c + 2.0 * G[:, 2, None] * u
+    dc, du = _cos_grads(c, u, scu, scc, suu, G[:, 5])
+    gc, gu, gg = gc + dc, gu + du, None
+    if guided is not None:
+        g = guided.to(acc).reshape(-1, K)
+        gc = gc + G[:, 3, None] * g
+        gg = G[:, 3, None] * c + 2.0 * G[:, 4, None] * g
+        dc, dg = _cos_grads(c, g, (c * g).sum(1), scc, (g * g).sum(1), G[:, 6])
+        gc, gg = gc + dc, gg + dg
+        gg = _cast(gg.view(guided.shape), guided, need[2])
+    return _cast(gc.view(cond.shape), cond, need[0]), _cast(gu.view(uncond.shape), uncond, need[1]), gg, None
+
+
+FORMULAS = {
+    "cfg": (_cfg_setup, _cfg_backward),
+    "pag": (_pag_setup, _pag_backward),
+    "cfg_zero_star": (_cfg_setup, _cfg_zero_star_backward),
+    "guidance_stats": (_stats_setup, _stats_backward),
+    "frequency_cfg": (_frequency_cfg_setup, _frequency_cfg_backward),
+    "frequency_split": (_frequency_split_setup, _frequency_split_backward),
+    "cfgpp_step": (_cfgpp_setup, _cfgpp_backward),
+}
