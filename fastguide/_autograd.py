@@ -252,7 +252,44 @@ def _stats_backward(ctx, grad):
     return _cast(gc.view(cond.shape), cond, need[0]), _cast(gu.view(uncond.shape), uncond, need[1]), gg, None
 
 
+# --- lincomb ---------------------------------------------------------------------------------------
+def _lincomb_setup(ctx, inputs, output):
+    preds, weights_t, weights = inputs
+    if weights_t is None and weights:
+        # autograd cannot return a gradient structure for a non-empty float[]: the public wrapper passes the
+        # weights as a tensor whenever a gradient may be needed
+        raise RuntimeError("fastguide::lincomb with float weights has no autograd formula; call "
+                           "fastguide.ops.lincomb(...) or pass the weights as a tensor (weights_t)")
+    ctx.k = len(preds)
+    ctx.save_for_backward(*preds, *(() if weights_t is None else (weights_t,)))
+    ctx.has_t = weights_t is not None
+
+
+def _lincomb_backward(ctx, grad):
+    """out = w0 p0 + sum_k wk (pk - p0): d/dp0 = w0 - sum_k wk, d/dpk = wk (per sample for [B, K] weights);
+    d/dwk = <grad, pk - p0> (k >= 1), <grad, p0> (k = 0), summed per sample or over everything."""
+    saved = ctx.saved_tensors
+    preds, wt = saved[:ctx.k], (saved[ctx.k] if ctx.has_t else None)
+    need_preds = ctx.needs_input_grad[0]
+    acc = _acc(preds[0])
+    G = grad.to(acc)
+    w = wt.to(acc)
+    ws = [w[k] if w.dim() == 1 else w[:, k].reshape(_view(G)) for k in range(ctx.k)]
+    grads = None
+    if need_preds:  # (one flag for the whole list)
+        rest = sum(ws[1:]) if ctx.k > 1 else 0.0
+        grads = [((ws[0] - rest) * G).to(preds[0].dtype)] + [(ws[k] * G).to(preds[k].dtype) for k in range(1, ctx.k)]
+    gw = None
+    if ctx.needs_input_grad[1]:
+        x0 = preds[0].to(acc)
+        cols = [G * x0] + [G * (preds[k].to(acc) - x0) for k in range(1, ctx.k)]
+        gw = torch.stack([c.sum() if wt.dim() == 1 else _sum1(c) for c in cols], -1).to(wt.dtype)
+    # a list for the Tensor[] argument (the structure of the inputs); float[] weights get no gradient
+    return grads if grads is not None else [None] * ctx.k, gw, []
+
+
 FORMULAS = {
+    "lincomb": (_lincomb_setup, _lincomb_backward),
     "cfg": (_cfg_setup, _cfg_backward),
     "pag": (_pag_setup, _pag_backward),
     "cfg_zero_star": (_cfg_setup, _cfg_zero_star_backward),

@@ -625,7 +625,9 @@ def lincomb(preds, weights):
 def _lincomb(op, preds, weights):
     """lincomb on predictions already checked by the caller."""
     wt, ws = _weights(op, weights, preds[0], len(preds))
-    if wt is None and torch.compiler.is_compiling():
+    if wt is None and (torch.compiler.is_compiling()
+                       or (torch.is_grad_enabled() and any(p.requires_grad for p in preds))):
+        # a tensor: no recompile per value; and the autograd formula's form (float[] gets no gradient slot)
         wt, ws = torch.tensor(ws, dtype=_eager._acc(preds[0]), device=preds[0].device), []
     return _op["lincomb"](preds, wt, ws)
 

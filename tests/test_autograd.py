@@ -248,3 +248,19 @@ def test_wrappers_show_the_op_to_the_profiler():
         fastguide.cfg(c.detach(), u.detach(), 2.0)
     top = [e.name for e in prof.events() if e.cpu_parent is None]
     assert "fastguide::cfg" in top
+
+
+@pytest.mark.parametrize("weights", ["per_sample", "per_branch", "floats"])
+def test_lincomb_gradcheck(weights):
+    """lincomb (dual CFG, Perp-Neg, RLG, two-model guidance) is linear in its predictions and weights."""
+    g = torch.Generator().manual_seed(0)
+    preds = [torch.randn(2, 3, 5, dtype=torch.float64, generator=g).requires_grad_() for _ in range(3)]
+    if weights == "floats":  # the public wrapper passes them as a tensor when a gradient is needed
+        fn, args = (lambda *p: ops.lincomb(list(p), [0.5, 2.0, -1.0])), tuple(preds)
+    else:
+        shape = (2, 3) if weights == "per_sample" else (3,)
+        w = torch.randn(*shape, dtype=torch.float64, generator=g).requires_grad_()
+        fn, args = (lambda *a: torch.ops.fastguide.lincomb(list(a[:3]), a[3], [])), (*preds, w)
+    assert torch.autograd.gradcheck(fn, args)
+    with pytest.raises(RuntimeError, match="float weights has no autograd formula"):
+        torch.ops.fastguide.lincomb(preds, None, [0.5, 2.0, -1.0])
