@@ -309,6 +309,24 @@ class GatedPAGProcessor(_Gated, IdentityPAGProcessor):
         self.gate, self.fallback = gate, fallback
 
 
+class SwitchedPerturbation:
+    """One layer of a denoiser that several pipelines may share (`fastguide.enable`): `select()` returns the
+    perturbation the running pipeline's call wants on this layer (an IdentityPAGProcessor for PAG, a
+    SEGProcessor for SEG, ...) or None, and then the layer's own processor (`fallback`) runs."""
+
+    def __init__(self, select, fallback):
+        self.select, self.fallback = select, fallback
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        proc = self.select()
+        if proc is not None:
+            return proc(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        if temb is not None:  # pass on only what the layer was given: not every processor takes temb
+            kwargs["temb"] = temb
+        return self.fallback(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                             attention_mask=attention_mask, **kwargs)
+
+
 class GatedSEGProcessor(_Gated, SEGProcessor):
     """SEGProcessor while `gate()` is true, `fallback` otherwise (GatedPAGProcessor's role, for SEG)."""
 

@@ -48,6 +48,9 @@ class Method:
     # params -> constructor kwargs of the twin guider (fastguide.diffusers.<twin>), for pipelines that take a
     # guider: `enable` then installs that guider instead of wrapping the denoiser. None: no guider route.
     guider_config: Optional[Callable] = None
+    # params -> the attention processor that makes the perturbed rows of a [uncond, cond, perturbed] batch on
+    # the chosen `layers` (enable's route). None: identity attention (PAG). SEG: blurred queries.
+    perturbation: Optional[Callable] = None
 
     @property
     def stateless(self):
@@ -66,10 +69,11 @@ class Method:
 
     @property
     def enable_ready(self):
-        """Whether `fastguide.enable` on a classic pipeline builds every branch from the pipeline's own batch
-        today (cond, uncond, perturbed); methods with a middle / empty prompt or a second model need the guider
-        route (`fastguide.diffusers.MultiBranchGuidance`) or their own loop."""
-        return all(b in ENABLE_BRANCHES for b in self.branches)
+        """Whether `fastguide.enable` on a classic pipeline builds every branch: from the pipeline's own batch
+        (cond, uncond, perturbed) or, for a second model's branches, from the models passed as
+        `enable(..., models={key: module})`. Methods with a middle / empty prompt need the guider route
+        (`fastguide.diffusers.MultiBranchGuidance`) or their own loop."""
+        return all(b in ENABLE_BRANCHES or b in self.models for b in self.branches)
 
     def check_params(self, given, where):
         """{name: value} with defaults filled in; unknown names raise, listing the known ones."""
@@ -166,6 +170,22 @@ register(Method(
     params={"scale": None, "pag_scale": 3.0, "layers": ("mid",), **COMMON},
     example={"pag_scale": 3.0, "layers": ("mid",)},
     combine=lambda x, p, state, step: ops.pag(x["cond"], x["uncond"], x["perturbed"], p["scale"], p["pag_scale"],
+                                              rescale=p["rescale"], original=p["original"])))
+
+
+def _seg_perturbation(p):
+    from .attention import SEGProcessor
+    return SEGProcessor(blur_sigma=p["blur_sigma"], blur_threshold_inf=p["blur_threshold_inf"], chunks=3)
+
+
+register(Method(
+    name="seg", summary="smoothed energy guidance: the perturbed branch's queries Gaussian-blurred on `layers`, with CFG",
+    peer="diffusers SmoothedEnergyGuidance (its blur fixed as in the official SEG code, see fastguide.attention)",
+    twin="SmoothedEnergyGuidance", branches=("cond", "uncond", "perturbed"),
+    params={"scale": None, "seg_scale": 3.0, "blur_sigma": 9999999.0, "blur_threshold_inf": 9999.0,
+            "layers": ("mid",), **COMMON},
+    example={"seg_scale": 3.0, "blur_sigma": 2.0, "layers": ("mid",)}, perturbation=_seg_perturbation,
+    combine=lambda x, p, state, step: ops.pag(x["cond"], x["uncond"], x["perturbed"], p["scale"], p["seg_scale"],
                                               rescale=p["rescale"], original=p["original"])))
 
 

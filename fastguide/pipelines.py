@@ -10,7 +10,7 @@ caller of the module (a stock pipeline sharing it, `from_pipe`, a modular pipeli
 untouched. Nothing in diffusers is edited. Each step's combine and its AG / interval / LinearAG decisions come
 from the method's `fastguide.diffusers` twin guider, driven through the guider protocol (set_state,
 prepare_inputs, forward): the same object and code as the modular route. For PAG the wrapper appends the conditional rows again to every
-batched input ([uncond, cond, cond]) and the chosen layers get `GatedPAGProcessor`s, identity attention on
+batched input ([uncond, cond, cond]) and the chosen layers get `SwitchedPerturbation`s: identity attention (PAG; SEG: blurred queries) on
 the extra rows only during the calls of pipelines that asked for it.
 
 Pipelines that call the denoiser once per branch (`cache_context("cond")`, then `("uncond")`, then their own
@@ -42,7 +42,7 @@ from typing import Callable, Optional
 import torch
 
 from . import methods, ops
-from .attention import GatedPAGProcessor, select_layers
+from .attention import IdentityPAGProcessor, SwitchedPerturbation, select_layers
 
 
 @dataclass(frozen=True)
@@ -291,7 +291,7 @@ class _Hook:
     """The one pass-through wrapper a denoiser module gets, however many enabled pipelines share it. It guides
     a call only when the running pipeline (`_ACTIVE`) is one of its users; any other caller (a stock pipeline
     on the same module, `from_pipe`, a modular pipeline, a direct call) runs the module untouched. PAG layers
-    get `GatedPAGProcessor`s that are likewise identity attention only for the users that asked for them."""
+    get `SwitchedPerturbation`s that perturb only for the users that asked for it, with their own perturbation."""
 
     def __init__(self, module):
         self.module = module
@@ -300,7 +300,7 @@ class _Hook:
         self.signature = inspect.signature(self.original)
         # Weak references: the module must not keep a dropped pipeline (its VAE, text encoders) alive.
         self.users = []
-        self.pag_saved = {}  # layer name -> the processor its GatedPAGProcessor replaced
+        self.pag_saved = {}  # layer name -> the processor its SwitchedPerturbation replaced
 
         def forward(*args, **kwargs):
             state = _ACTIVE.get()
@@ -367,15 +367,17 @@ class _Hook:
         modules = dict(self.module.named_modules())
         for name in sorted(wanted - set(self.pag_saved)):
             self.pag_saved[name] = modules[name].processor
-            modules[name].set_processor(GatedPAGProcessor(self._gate(name), self.pag_saved[name], chunks=3))
+            modules[name].set_processor(SwitchedPerturbation(self._select(name), self.pag_saved[name]))
         for name in sorted(set(self.pag_saved) - wanted):
             modules[name].set_processor(self.pag_saved.pop(name))
 
-    def _gate(self, name):
-        def gate():
+    def _select(self, name):
+        def select():
             state = _ACTIVE.get()
-            return state is not None and state.uses(self) and name in state.pag_layers
-        return gate
+            if state is None or not state.uses(self) or name not in state.pag_layers:
+                return None
+            return state.perturbation  # the running pipeline's: PAG's identity attention, SEG's blur, ...
+        return select
 
 
 # --- the per-pipeline class: marks the pipeline's calls -----------------------------------------------
@@ -412,10 +414,11 @@ class _Guidance:
     without a twin (or with per-step scale schedules) a guider around the registry combine. Methods with a
     perturbed branch (PAG) run the registry combine on [uncond, cond, perturbed] directly."""
 
-    def __init__(self, pipe, layout, guidance, params, adaptive=None, interval=None, linear_ag=None):
+    def __init__(self, pipe, layout, guidance, params, adaptive=None, interval=None, linear_ag=None, models=None):
         self.method = methods.get(guidance, "fastguide.enable")
+        self.models = self._check_models(pipe, models)
         if not self.method.enable_ready:
-            extra = sorted(set(self.method.branches) - set(methods.ENABLE_BRANCHES))
+            extra = sorted(set(self.method.branches) - set(methods.ENABLE_BRANCHES) - set(self.method.models))
             raise ValueError(f"fastguide.enable: guidance={guidance!r} needs the branches {extra}, which enable cannot "
                              f"build from {type(pipe).__name__}'s batch; run it with "
                              f"fastguide.diffusers.MultiBranchGuidance(method={guidance!r}, ...) as the guider of a "
@@ -454,9 +457,10 @@ class _Guidance:
         # PixArt's learned sigma: the denoiser outputs [prediction, sigma] channels and the pipeline drops the
         # sigma half after CFG, so only the first `pred_channels` are guided (norms and spectra included).
         self.pred_channels = None
-        self.pag_layers = frozenset()       # names of the layers fastguide's own PAG perturbs
+        self.pag_layers = frozenset()       # names of the layers fastguide's own PAG / SEG perturbs
+        self.perturbation = None            # the processor of the perturbed rows on those layers
         self.guider, self.sets_scale = None, False
-        if "perturbed" not in self.method.branches:
+        if "perturbed" not in self.method.branches and not self.method.models:
             kw = {"adaptive": adaptive, "interval": interval, "linear_ag": linear_ag}
             if (adaptive is not None and adaptive.space == "x0") or interval is not None:
                 kw["scheduler"] = pipe.scheduler  # sigmas and x0 estimates from the pipeline's noise schedule
@@ -465,6 +469,26 @@ class _Guidance:
                 self.guider = twin(**self.method.guider_config({**self.params, "scale": None}), **kw)
             else:
                 self.guider = _registry_guider(self._registry_combine, **kw)
+
+    def _check_models(self, pipe, models):
+        """enable's models=: exactly the second models the method's branches name (RLG's `ref`, autoguidance's
+        `weak`), each a module taking the pipeline denoiser's call arguments, none the denoiser itself."""
+        need = set(self.method.model_keys)
+        given = {} if models is None else models
+        if not isinstance(given, dict) or set(given) != need:
+            what = (f"models={{{', '.join(repr(k) + ': <module>' for k in sorted(need))}}}" if need
+                    else "no models=")
+            raise ValueError(f"fastguide.enable: guidance={self.method.name!r} takes {what}, got "
+                             f"{sorted(given) if isinstance(given, dict) else given!r}")
+        own = [_unwrap(getattr(pipe, a, None)) for a in ("unet", "transformer", "transformer_2")]
+        for key, module in given.items():
+            if not callable(module):
+                raise TypeError(f"fastguide.enable: models[{key!r}] must be a module (callable like the pipeline's "
+                                f"denoiser), got {type(module).__name__}")
+            if any(_unwrap(module) is m for m in own if m is not None):
+                raise ValueError(f"fastguide.enable: models[{key!r}] is the pipeline's own denoiser; pass the "
+                                 f"second model (e.g. an earlier checkpoint, or the reference model)")
+        return dict(given)
 
     def _twin(self):
         """The method's fastguide.diffusers guider class when enable can drive it: a cond / uncond guider with
@@ -564,10 +588,12 @@ class _Guidance:
         return self._combine(cond, uncond, perturbed)
 
     def _combine(self, cond, uncond, perturbed):
+        return self._combine_preds({"cond": cond, "uncond": uncond, "perturbed": perturbed})
+
+    def _combine_preds(self, preds):
         p = dict(self.params)
         for name in self.method.scale_params:
             p[name] = self._scale(name)
-        preds = {"cond": cond, "uncond": uncond, "perturbed": perturbed}
         return self.method.combine(preds, p, self.state, self.step)
 
     def _run_guider(self, cond, uncond, x):
@@ -638,7 +664,40 @@ class _Guidance:
             return self._pipeline_pag_call(forward, bound, bound.arguments["timestep"])
         if "perturbed" in self.method.branches:
             return self._perturbed_call(forward, bound)
+        if self.method.models:
+            return self._models_call(forward, bound)
         return self._cfg_call(forward, bound)
+
+    def _models_call(self, forward, bound):
+        """Methods with a second model's branches (RLG's reference model, autoguidance's weak model): the
+        pipeline's denoiser runs the prompt batches the method takes from it (only the cond rows when it needs no
+        uncond), each second model the prompt batches its branches run on: one forward per model and step."""
+        sample_name = next(iter(bound.arguments))
+        batch = bound.arguments[sample_name].shape[0]
+        half = batch // 2
+
+        def run(fn, prompts):
+            rows = (list(range(half)) if "uncond" in prompts else []) + (list(range(half, batch)) if "cond" in prompts else [])
+            args = bound
+            if len(rows) < batch:
+                idx = torch.tensor(rows, device=bound.arguments[sample_name].device)
+                args = _rebound(bound, {k: _map_batched(v, batch, lambda t: t.index_select(0, idx.to(t.device)))
+                                        for k, v in bound.arguments.items()})
+            out = fn(*args.args, **args.kwargs)
+            pred = _prediction(out)
+            self.report.nfe += pred.shape[0]
+            parts = [p for p in ("uncond", "cond") if p in prompts]
+            return out, dict(zip(parts, pred.split(half)))
+
+        own = [b for b in self.method.branches if b not in self.method.models]
+        out, preds = run(forward, set(own) | {"cond"})
+        by_key = {}
+        for branch, (key, prompt) in self.method.models.items():
+            by_key.setdefault(key, {})[branch] = prompt
+        for key, branches in sorted(by_key.items()):
+            _, parts = run(self.models[key], set(branches.values()))
+            preds.update({branch: parts[prompt] for branch, prompt in branches.items()})
+        return self._guided(out, preds["cond"], self._combine_preds(preds))
 
     def _cfg_call(self, forward, bound):
         """A [uncond, cond] call: the uncond rows of this step's guided samples only (all, some or none), the
@@ -897,7 +956,7 @@ def _map_batched(value, batch, fn):
 
 
 def enable(pipe, guidance="cfg", *, adaptive=None, interval=None, linear_ag=None, batch_branches=True, parallel=None,
-           **params):
+           models=None, **params):
     """Make `pipe`'s classifier-free guidance compute `guidance` with fastguide's fused ops.
 
     guidance: "cfg" (scale, rescale, original), "apg" (scale, eta, norm_threshold, momentum, norm_dim,
@@ -910,6 +969,9 @@ def enable(pipe, guidance="cfg", *, adaptive=None, interval=None, linear_ag=None
     limited-interval guidance (Kynkaeaenniemi et al. 2024), no unconditional pass outside it. With either,
     the denoiser runs only the rows that are needed; `pipe.fastguide_report` counts the evaluations.
     linear_ag=calibrate_linear_ag(...): LinearAG, predicted unconditional passes (deviates from the model).
+    models={key: module}: the second models of a method whose branches come from another model
+    (guidance="rlg": models={"ref": base_unet}; guidance="weak_model": models={"weak": early_unet}); each runs
+    on the same (sliced) call arguments as the pipeline's denoiser, one forward per step.
     batch_branches: pipelines that call the denoiser once per branch (Flux true CFG, QwenImage, Wan,
     HunyuanVideo) get both branches in one forward of 2B rows where the two calls' arguments allow it
     (`pipe.fastguide_report.branch_batched` counts those steps); False runs them as two calls, as stock.
@@ -924,14 +986,14 @@ def enable(pipe, guidance="cfg", *, adaptive=None, interval=None, linear_ag=None
     """
     group = _parallel_group(parallel)
     if _takes_guider(pipe) and not _has_pattern(pipe):
-        _enable_guider(pipe, guidance, params, adaptive, interval, linear_ag)
+        _enable_guider(pipe, guidance, params, adaptive, interval, linear_ag, models)
         if group is not False:
             from .parallel import distribute
             distribute(pipe.guider, group)
         return pipe
     attr, layout = _pattern(pipe)
     denoiser = _unwrap(getattr(pipe, attr))
-    state = _Guidance(pipe, layout, guidance, params, adaptive, interval, linear_ag)  # validates first
+    state = _Guidance(pipe, layout, guidance, params, adaptive, interval, linear_ag, models)  # validates first
     attrs = [attr]
     if isinstance(layout, _Branches):
         name = type(pipe).__name__
@@ -939,6 +1001,10 @@ def enable(pipe, guidance="cfg", *, adaptive=None, interval=None, linear_ag=None
             raise ValueError(f"fastguide.enable: guidance={guidance!r} needs a perturbed branch; {name} calls its "
                              f"denoiser once per branch (cond, uncond) and has none. Use a two-branch method: "
                              f"{sorted(m.name for m in methods.METHODS.values() if m.branches == ('cond', 'uncond'))}")
+        if state.method.models:
+            raise ValueError(f"fastguide.enable: guidance={guidance!r} (a second model's branches) on {name}, which "
+                             f"calls its denoiser once per branch, is not supported yet; use a pipeline that batches "
+                             f"[uncond, cond] (SD, SDXL, SD3, PixArt) or fastguide.diffusers.MultiBranchGuidance")
         if linear_ag is not None:
             raise ValueError(f"fastguide.enable: linear_ag on {name} (one denoiser call per branch) is not supported; "
                              f"use adaptive= or interval=, which skip its uncond calls")
@@ -949,6 +1015,8 @@ def enable(pipe, guidance="cfg", *, adaptive=None, interval=None, linear_ag=None
     state.batch_branches = batch_branches
     if "perturbed" in state.method.branches:  # validates the layer specs; nothing is changed yet
         state.pag_layers = frozenset(select_layers(denoiser, list(state.params["layers"])))
+        make = state.method.perturbation
+        state.perturbation = make(state.params) if make is not None else IdentityPAGProcessor(chunks=3)
     if group is not False:
         if layout is _pag_layout or "perturbed" in state.method.branches:
             raise ValueError("fastguide.enable: parallel=... with PAG on a classic pipeline is not supported (its "
@@ -1002,16 +1070,24 @@ class _GuiderRoute:
     guider: object    # the fastguide guider enable installed
 
 
-def _enable_guider(pipe, guidance, params, adaptive, interval, linear_ag):
+def _enable_guider(pipe, guidance, params, adaptive, interval, linear_ag, models=None):
     from . import diffusers as fgd
     from .skip import check_policy
     method = methods.get(guidance, "fastguide.enable")
     where = f"fastguide.enable({type(pipe).__name__})"
-    if method.guider_config is None or method.twin is None:
-        usable = sorted(m.name for m in methods.METHODS.values() if m.guider_config is not None)
-        raise ValueError(f"{where}: this pipeline takes a guider, and guidance={guidance!r} has no guider twin yet; "
-                         f"use one of {usable}")
     p = method.check_params(params, "fastguide.enable")
+    if (method.guider_config is None or method.twin is None) and "perturbed" not in method.branches:
+        # no diffusers twin (dual CFG, Perp-Neg, RLG, weak_model, ...): the registry guider runs the combine
+        if adaptive is not None or interval is not None or linear_ag is not None:
+            usable = sorted(m.name for m in methods.METHODS.values() if m.guider_config is not None)
+            raise ValueError(f"{where}: adaptive/interval/linear_ag need a twin guider; guidance={guidance!r} has none, "
+                             f"use one of {usable}")
+        rest = {k: v for k, v in p.items() if k != "scale" and v != method.params[k]}
+        kw = {"guidance_scale": p["scale"]} if p.get("scale") is not None else {}
+        guider = fgd.MultiBranchGuidance(method=guidance, params=rest, models=models, **kw)  # validates models
+        return _install_guider(pipe, guider)
+    if models is not None:
+        raise ValueError(f"{where}: guidance={guidance!r} takes no models=")
     schedules = [n for n in method.scale_params if callable(p.get(n))]
     if schedules:
         raise ValueError(f"{where}: per-step schedules ({schedules}) need the classic route; a guider's scales are "
@@ -1025,6 +1101,10 @@ def _enable_guider(pipe, guidance, params, adaptive, interval, linear_ag):
     if (adaptive is not None and adaptive.space == "x0") or interval is not None:
         policy["scheduler"] = pipe.scheduler  # x0 estimates and sigmas come from the pipeline's noise schedule
     guider = getattr(fgd, method.twin)(**method.guider_config(p), **policy)  # validates before anything changes
+    return _install_guider(pipe, guider)
+
+
+def _install_guider(pipe, guider):
     disable(pipe)
     state = _GuiderRoute(previous=pipe.guider, guider=guider)
     pipe.register_modules(guider=guider)

@@ -112,7 +112,7 @@ def test_disable_restores_module_processors_and_class_exactly():
     fastguide.enable(p2, guidance="pag", layers=["up_blocks.1"])
     assert type(pipe).__name__ == "StableDiffusionPipeline" and type(pipe) is not cls and isinstance(pipe, cls)
     attn = pipe.unet.mid_block.attentions[0].transformer_blocks[0].attn1
-    assert isinstance(attn.processor, attention.GatedPAGProcessor)
+    assert isinstance(attn.processor, attention.SwitchedPerturbation)
     fastguide.disable(pipe)  # p2 still needs the hook, not the mid layer
     assert type(pipe) is cls and "forward" in pipe.unet.__dict__
     assert attn.processor is processors["mid_block.attentions.0.transformer_blocks.0.attn1.processor"]

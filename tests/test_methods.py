@@ -32,8 +32,19 @@ def test_unknown_name_lists_the_known_ones():
         methods.register(fastguide.METHODS["cfg"])
 
 
-# enable builds cond / uncond / perturbed from the pipeline's own batch; methods with a middle / empty prompt or a
-# second model run through fastguide.diffusers.MultiBranchGuidance (tests/test_methods_comfy.py) until it builds them
+def second_unet():
+    """Another UNet of make_sd's architecture with other weights (a second model for RLG / autoguidance)."""
+    unet = make_sd().unet
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(11)
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return unet
+
+
+# enable builds cond / uncond / perturbed from the pipeline's own batch and a second model's branches from
+# models=; methods with a middle / empty prompt run through fastguide.diffusers.MultiBranchGuidance
+# (tests/test_methods_comfy.py)
 @pytest.mark.parametrize("name", sorted(n for n, m in methods.METHODS.items() if m.enable_ready))
 def test_every_method_runs_through_enable(name):
     """Each registered method on a tiny StableDiffusion pipeline with its example settings: runs every
@@ -42,10 +53,11 @@ def test_every_method_runs_through_enable(name):
     method = fastguide.METHODS[name]
     fastguide.enable(pipe, guidance="cfg")
     cfg = run(pipe, "sd")
-    fastguide.enable(pipe, guidance=name, **method.example)
+    models = {key: second_unet() for key in method.model_keys}  # RLG's reference, autoguidance's weak model
+    fastguide.enable(pipe, guidance=name, **method.example, **({"models": models} if models else {}))
     out = run(pipe, "sd")
     assert pipe.fastguide_report.steps == STEPS and torch.isfinite(out).all()
-    rows = len(method.branches)  # one denoiser row per branch and sample
+    rows = len(method.branches)  # one denoiser row per branch and sample (of whichever model)
     assert pipe.fastguide_report.nfe == STEPS * rows
     if name != "cfg" or method.example.get("rescale"):
         assert (out - cfg).abs().max() > 1e-4
