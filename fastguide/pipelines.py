@@ -169,6 +169,15 @@ def _sd3_layout(state, bound):
     return "slg" if bound.arguments.get("skip_layers") is not None else "cfg"
 
 
+def _ip2p_layout(state, bound):
+    """InstructPix2Pix: [text, image, uncond] (cond, middle, uncond) while its guidance is on."""
+    return "ip2p" if state.pipe.do_classifier_free_guidance else None
+
+
+# Scales a layout takes from the pipeline when the method's setting is None: name -> pipeline property.
+_PIPELINE_SCALES = {_ip2p_layout: {"middle_scale": "image_guidance_scale"}}
+
+
 def _pag_layout(state, bound):
     """diffusers' PAG pipelines: [uncond, cond, perturbed] while their own PAG is on, else plain CFG."""
     if not state.pipe.do_classifier_free_guidance:
@@ -247,6 +256,7 @@ def _patterns():
             ("StableDiffusionPAGPipeline", "unet", _pag_layout),
             ("StableDiffusionXLPAGPipeline", "unet", _pag_layout),
             ("PixArtSigmaPipeline", "transformer", _call_scale_layout),
+            ("StableDiffusionInstructPix2PixPipeline", "unet", _ip2p_layout),
             ("FluxPipeline", "transformer", _FLUX),
             ("QwenImagePipeline", "transformer", _QWEN),
             ("QwenImageImg2ImgPipeline", "transformer", _QWEN),
@@ -417,7 +427,14 @@ class _Guidance:
     def __init__(self, pipe, layout, guidance, params, adaptive=None, interval=None, linear_ag=None, models=None):
         self.method = methods.get(guidance, "fastguide.enable")
         self.models = self._check_models(pipe, models)
-        if not self.method.enable_ready:
+        if layout is _ip2p_layout:
+            if "middle" not in self.method.branches or not set(self.method.branches) <= {"cond", "middle", "uncond"}:
+                usable = sorted(m.name for m in methods.METHODS.values() if "middle" in m.branches)
+                raise ValueError(f"fastguide.enable: {type(pipe).__name__} batches [text, image, uncond] (cond, middle, "
+                                 f"uncond); guidance={guidance!r} takes {list(self.method.branches)}: use one of {usable}")
+            if "middle_scale" not in params:  # the pipeline call's image_guidance_scale
+                params = {**params, "middle_scale": None}
+        elif not self.method.enable_ready:
             extra = sorted(set(self.method.branches) - set(methods.ENABLE_BRANCHES) - set(self.method.models))
             raise ValueError(f"fastguide.enable: guidance={guidance!r} needs the branches {extra}, which enable cannot "
                              f"build from {type(pipe).__name__}'s batch; run it with "
@@ -460,7 +477,7 @@ class _Guidance:
         self.pag_layers = frozenset()       # names of the layers fastguide's own PAG / SEG perturbs
         self.perturbation = None            # the processor of the perturbed rows on those layers
         self.guider, self.sets_scale = None, False
-        if "perturbed" not in self.method.branches and not self.method.models:
+        if set(self.method.branches) <= {"cond", "uncond"}:
             kw = {"adaptive": adaptive, "interval": interval, "linear_ag": linear_ag}
             if (adaptive is not None and adaptive.space == "x0") or interval is not None:
                 kw["scheduler"] = pipe.scheduler  # sigmas and x0 estimates from the pipeline's noise schedule
@@ -548,6 +565,8 @@ class _Guidance:
         """A scale setting: None follows the pipeline call's guidance_scale; a callable is a per-step schedule
         `f(step, timestep) -> float or tensor` (a tensor scale changes per step without recompiling)."""
         value = self.params[name]
+        if value is None and name in _PIPELINE_SCALES.get(self.layout, {}):
+            return float(getattr(self.pipe, _PIPELINE_SCALES[self.layout][name]))
         if value is None and isinstance(self.layout, _Branches):
             return float(self.layout.scale(self, self.attr))
         if value is None:  # the pipeline's property when it has one: step callbacks may change it mid-call
@@ -662,6 +681,13 @@ class _Guidance:
         self._new_step(bound.arguments["timestep"])
         if layout == "pag":
             return self._pipeline_pag_call(forward, bound, bound.arguments["timestep"])
+        if layout == "ip2p":
+            out = forward(*bound.args, **bound.kwargs)
+            pred = _prediction(out)
+            self.report.nfe += pred.shape[0]
+            text, image, uncond = pred.chunk(3)
+            g = self._combine_preds({"cond": text, "middle": image, "uncond": uncond})
+            return self._guided(out, text, g, copies=3)
         if "perturbed" in self.method.branches:
             return self._perturbed_call(forward, bound)
         if self.method.models:

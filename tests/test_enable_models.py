@@ -104,3 +104,39 @@ def test_models_are_checked_before_anything_changes():
     with pytest.raises(ValueError, match="MultiBranchGuidance"):
         fastguide.enable(pipe, guidance="dual_cfg")
     assert not fastguide.pipelines.is_enabled(pipe)
+
+
+def make_ip2p():
+    from diffusers import StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel
+    sd = make_sd()
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(  # make_sd's UNet taking the image latents as 4 more channels
+        sample_size=8, in_channels=8, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8)
+    return StableDiffusionInstructPix2PixPipeline(**{**sd.components, "unet": unet}, requires_safety_checker=False)
+
+
+def ip2p(pipe, **kw):
+    g = torch.Generator().manual_seed(4)
+    args = {k: v for k, v in inputs("sd").items() if k != "latents"}
+    with torch.no_grad():
+        return pipe(**args, image=torch.rand(1, 3, 16, 16, generator=g), num_inference_steps=STEPS,
+                    guidance_scale=SCALE, image_guidance_scale=1.8, output_type="latent",
+                    generator=torch.Generator().manual_seed(3), **kw).images
+
+
+def test_instruct_pix2pix_dual_cfg_equals_stock():
+    """InstructPix2Pix batches [text, image, uncond]: guidance='dual_cfg' (ComfyUI's DualCFGGuider, regular) is its
+    own text + image guidance, the scales following the call's guidance_scale and image_guidance_scale."""
+    pipe = make_ip2p()
+    stock = ip2p(pipe)
+    fastguide.enable(pipe, guidance="dual_cfg")
+    assert_close(ip2p(pipe), stock)
+    assert pipe.fastguide_report.nfe == 3 * STEPS
+    fastguide.enable(pipe, guidance="dual_cfg", nested=True)
+    assert (ip2p(pipe) - stock).abs().max() > 1e-4
+    with pytest.raises(ValueError, match=r"batches \[text, image, uncond\].*use one of \['dual_cfg'\]"):
+        fastguide.enable(pipe, guidance="cfg")
+    fastguide.disable(pipe)
+    torch.testing.assert_close(ip2p(pipe), stock, rtol=0, atol=0)
