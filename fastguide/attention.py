@@ -54,16 +54,22 @@ class IdentityPAGProcessor:
     def _heads(x, rows, attn):
         return x.view(rows, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
 
-    def _query_key(self, attn, x, n):
-        """Q and K of the n unperturbed rows, per head, with the layer's q/k norms when it has them."""
-        query, key = self._heads(attn.to_q(x), n, attn), self._heads(attn.to_k(x), n, attn)
+    @staticmethod
+    def _norm_qk(attn, query, key):
+        """The layer's q / k norms, when it has them."""
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
         return query, key
 
+    def _query_key(self, attn, x, n):
+        """Q and K of the n unperturbed rows, per head, with the layer's q/k norms when it has them."""
+        return self._norm_qk(attn, self._heads(attn.to_q(x), n, attn), self._heads(attn.to_k(x), n, attn))
+
     def _self(self, attn, hidden_states, attention_mask, temb):
+        """diffusers' AttnProcessor2_0 around `_attend` (spatial / group norm, 4-D inputs, output projection,
+        residual, rescale)."""
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -71,10 +77,19 @@ class IdentityPAGProcessor:
         if input_ndim == 4:
             b, channel, height, width = hidden_states.shape
             hidden_states = hidden_states.view(b, channel, height * width).transpose(1, 2)
-        batch, seq, _ = hidden_states.shape
-        n = self._rows(batch)
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        hidden_states = attn.to_out[1](attn.to_out[0](self._attend(attn, hidden_states, attention_mask)))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(b, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+    def _attend(self, attn, hidden_states, attention_mask):
+        """Self-attention of [batch, seq, dim] tokens, before the output projection."""
+        batch, seq, _ = hidden_states.shape
+        n = self._rows(batch)
         value = attn.to_v(hidden_states)  # every row: the perturbed rows' attention output is V
         if n:
             query, key = self._query_key(attn, hidden_states[:n], n)  # a view: no copy of the batch
@@ -85,12 +100,7 @@ class IdentityPAGProcessor:
             out = F.scaled_dot_product_attention(query, key, self._heads(value[:n], n, attn), attn_mask=mask,
                                                  dropout_p=0.0, is_causal=False)
             value[:n] = out.transpose(1, 2).reshape(n, seq, -1).to(value.dtype)
-        hidden_states = attn.to_out[1](attn.to_out[0](value))
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(b, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        return value
 
     def _joint(self, attn, hidden_states, encoder_hidden_states):
         batch, n_img = hidden_states.shape[0], hidden_states.shape[1]
@@ -174,46 +184,23 @@ class SEGProcessor(IdentityPAGProcessor):
             seg_blur_(query[n:], self.blur_sigma, self.blur_threshold_inf)  # rows of a contiguous tensor: a view
         return query
 
-    def _self(self, attn, hidden_states, attention_mask, temb):
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            b, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(b, channel, height * width).transpose(1, 2)
+    def _attend(self, attn, hidden_states, attention_mask):
         batch, seq, _ = hidden_states.shape
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, seq, batch)
             attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = self._heads(self._query(attn, hidden_states), batch, attn)
-        key = self._heads(attn.to_k(hidden_states), batch, attn)
+        query, key = self._norm_qk(attn, self._heads(self._query(attn, hidden_states), batch, attn),
+                                   self._heads(attn.to_k(hidden_states), batch, attn))
         value = self._heads(attn.to_v(hidden_states), batch, attn)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
                                              is_causal=False)
-        out = out.transpose(1, 2).reshape(batch, seq, -1).to(query.dtype)
-        hidden_states = attn.to_out[1](attn.to_out[0](out))
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(b, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        return out.transpose(1, 2).reshape(batch, seq, -1).to(query.dtype)
 
     def _joint(self, attn, hidden_states, encoder_hidden_states):
         batch, n_img = hidden_states.shape[0], hidden_states.shape[1]
-        query = self._heads(self._query(attn, hidden_states), batch, attn)
-        key = self._heads(attn.to_k(hidden_states), batch, attn)
+        query, key = self._norm_qk(attn, self._heads(self._query(attn, hidden_states), batch, attn),
+                                   self._heads(attn.to_k(hidden_states), batch, attn))
         value = self._heads(attn.to_v(hidden_states), batch, attn)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
         e = encoder_hidden_states
         if e is not None:
             cq, ck = self._heads(attn.add_q_proj(e), batch, attn), self._heads(attn.add_k_proj(e), batch, attn)
