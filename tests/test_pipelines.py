@@ -167,12 +167,13 @@ def test_frequency_equals_fresca_loop():
 def test_pag_equals_diffusers_pag_processors_and_guider():
     pipe = make_sd()
     fastguide.enable(pipe, guidance="pag", pag_scale=3.0, layers=["mid"])
-    assert isinstance(pipe.unet.mid_block.attentions[0].transformer_blocks[0].attn1.processor,
-                      attention.IdentityPAGProcessor)
+    proc = pipe.unet.mid_block.attentions[0].transformer_blocks[0].attn1.processor
+    assert isinstance(proc, attention.SwitchedPerturbation) and proc.select() is None  # identity only in its calls
+    assert isinstance(pipe._fastguide.perturbation, attention.IdentityPAGProcessor)
     ours = run(pipe, "sd")
     fastguide.disable(pipe)
     assert not isinstance(pipe.unet.mid_block.attentions[0].transformer_blocks[0].attn1.processor,
-                          attention.IdentityPAGProcessor)
+                          attention.SwitchedPerturbation)
     # diffusers' PAG guider skips step 0 (start < step is strict): start=-1 keeps it on at every step
     guider = dg.PerturbedAttentionGuidance(guidance_scale=5.0, perturbed_guidance_scale=3.0,
                                            perturbed_guidance_layers=[0], perturbed_guidance_start=-1.0,
