@@ -134,6 +134,24 @@ def test_info_works(capsys):
     assert out.startswith("fastguide ") and "  cfg\n" in out and "    cpu " in out
 
 
+def test_info_says_where_each_method_runs(capsys):
+    """Each registered method's line is followed by its route: enable (classic pipelines) or the guider route only,
+    naming the branch enable cannot build or the second model."""
+    from fastguide import methods
+    assert main(["info"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for name, m in methods.METHODS.items():
+        i = next(k for k, line in enumerate(lines) if line.startswith(f"  {name} ") and "[equals:" in line)
+        route = lines[i + 1].strip()
+        assert route.startswith("-> enable: yes" if m.enable_ready else "-> enable: no"), (name, route)
+        if not m.enable_ready:
+            assert f"MultiBranchGuidance(method={name!r}" in route, route
+        for key in m.model_keys:
+            assert f"second model ({key!r})" in route and f"models={{{key!r}: ...}}" in route, route
+    route = lambda name: next(lines[k + 1] for k, line in enumerate(lines) if line.startswith(f"  {name} "))  # noqa: E731
+    assert "needs the 'middle' prompt branch" in route("dual_cfg") and "enable: yes" in route("cfg")
+
+
 def test_quiet_hides_profiler_lines_and_warnings_and_sums_them_up(capfd):
     q = bench.QuietThirdParty()
     with q:
