@@ -11,7 +11,7 @@ EXIT_CODES = """exit codes:
 
 EPILOG = f"""examples:
   fastguide info                  which backend (C++, Triton, PyTorch fallback) serves each op here
-  fastguide bench --quick         fastguide against diffusers, eager, torch.compile and the memcpy floor
+  fastguide bench --quick         fastguide against diffusers / ComfyUI, eager, torch.compile, the memcpy floor
   fastguide bench --help          every benchmark option
   fastguide lab --quick           every guidance method measured on the shipped digits model (minutes)
   python -m fastguide info        the same without the console script
