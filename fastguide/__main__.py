@@ -48,7 +48,7 @@ def info():
 def _route(m):
     """Where a registered method runs: `enable` on classic pipelines (`Method.enable_ready`: every branch comes
     from the pipeline's own batch), or only as a guider (a middle / empty prompt, or a second model's branch)."""
-    guider = f"fastguide.diffusers.{m.twin}" if m.twin else f"fastguide.diffusers.MultiBranchGuidance(method={m.name!r})"
+    guider = "fastguide.diffusers." + (m.twin or f"MultiBranchGuidance(method={m.name!r})")
     if m.enable_ready:
         return f"enable: yes; guider route: {guider}"
     from . import methods

@@ -177,7 +177,8 @@ def _mag_math(sets):
     def run(c, u):
         d = c - u
         dims = tuple(range(1, c.dim()))
-        ratio = torch.linalg.vector_norm(d, dim=dims, keepdim=True) / torch.linalg.vector_norm(u, dim=dims, keepdim=True)
+        norm = lambda x: torch.linalg.vector_norm(x, dim=dims, keepdim=True)  # noqa: E731
+        ratio = norm(d) / norm(u)
         return u + (1.0 + (7.5 - 1.0) * torch.exp(-8.0 * ratio)) * d
     return run
 
@@ -256,7 +257,8 @@ def _perp_neg_math(sets):
     def run(c, u, e):
         st = _eager.diff_stats(e, c, u, K).sum(0)  # <P, N>, |P|^2, |N|^2 over the batch
         alpha = torch.where(st[1] > 0, st[0] / st[1], 0.0)
-        return _eager.lincomb([e, c, u], torch.stack([torch.ones_like(alpha), 7.5 * (1 + alpha), -7.5 * torch.ones_like(alpha)]), [])
+        one = torch.ones_like(alpha)
+        return _eager.lincomb([e, c, u], torch.stack([one, 7.5 * (1 + alpha), -7.5 * one]), [])
     return run
 
 
@@ -420,7 +422,8 @@ CASES = {
     "apg_mix_cfg": Case("apg_mix_cfg", 2, _apg_mix_fastguide(False), _apg_mix_cfg_math,
                         _guider("apg_mix", **_APG_MIX, adaptive_projected_guidance_start_step=5), traffic=5),
     # LTX-2, single modality: cond + (gs - 1)(cond - uncond) + stg (cond - stg pass): one fused pag pass.
-    "ltx2": Case("ltx2", 3, _ltx2_fastguide, _pure(lambda c, u, p: _eager.pag(c, u, p, None, 3.0, None, 1.0, 0.0, True)),
+    "ltx2": Case("ltx2", 3, _ltx2_fastguide,
+                 _pure(lambda c, u, p: _eager.pag(c, u, p, None, 3.0, None, 1.0, 0.0, True)),
                  _guider("ltx2", guidance_scale=4.0, stg_scale=1.0)),
     # --- session 4: ComfyUI's methods and RLG (peer: the node's eager math, the "upstream" column) ---
     "dual_cfg": Case("dual_cfg", 3, _fastguide(lambda c, m, u: ops.dual_cfg(c, m, u, 7.5, 1.5)),
@@ -605,7 +608,8 @@ def format_table(rows, impls):
         cells += [f"{r['fastguide_GBps']:.1f}" if "fastguide_GBps" in r else "-"]
         cells += [f"{r['pct_floor']:.0f}%" if "pct_floor" in r else "-"]
         cells += [f"{r[k]:.1f}x" if k in r else "-" for k in ("x_diffusers", "x_upstream", "x_eager", "x_compile")]
-        cells += ["/".join(str(r.get(f"{i}_launches", "")) or "-" for i in ("fastguide", "diffusers", "upstream", "eager"))]
+        cells += ["/".join(str(r.get(f"{i}_launches", "")) or "-"
+                           for i in ("fastguide", "diffusers", "upstream", "eager"))]
         lines.append(cells)
     return _render(head, lines)
 

@@ -148,8 +148,8 @@ def test_info_says_where_each_method_runs(capsys):
             assert f"MultiBranchGuidance(method={name!r}" in route, route
         for key in m.model_keys:
             assert f"second model ({key!r})" in route and f"models={{{key!r}: ...}}" in route, route
-    route = lambda name: next(lines[k + 1] for k, line in enumerate(lines) if line.startswith(f"  {name} "))  # noqa: E731
-    assert "needs the 'middle' prompt branch" in route("dual_cfg") and "enable: yes" in route("cfg")
+    route = {line.split()[0]: lines[k + 1] for k, line in enumerate(lines) if "[equals:" in line}
+    assert "needs the 'middle' prompt branch" in route["dual_cfg"] and "enable: yes" in route["cfg"]
 
 
 def test_quiet_hides_profiler_lines_and_warnings_and_sums_them_up(capfd):
