@@ -14,7 +14,7 @@ from fastguide import bench
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SHAPES = ("sdxl", "sd15", "flux", "sd3", "video")
-IMPLS = ("fastguide", "diffusers", "eager", "compile")
+IMPLS = ("fastguide", "diffusers", "upstream", "eager", "compile")
 
 
 def _sync():
@@ -31,11 +31,17 @@ def test_op(benchmark, case, shape, impl):
         pytest.skip(f"{case} is not defined on {shape} {bench.SHAPES[shape]} (e.g. fdg needs [B, C, H, W])")
     if impl == "diffusers" and c.diffusers is None:
         pytest.skip(f"diffusers has no implementation of {case}")
+    if impl == "diffusers" and not c.diffusers_applies(bench.SHAPES[shape]):
+        pytest.skip(f"diffusers' {case} fails on {shape} {bench.SHAPES[shape]} (MAG: a matrix norm over 3+ dims)")
+    if impl == "upstream" and c.upstream is None:
+        pytest.skip(f"{case} has no upstream (ComfyUI node / paper) math here: its peer is diffusers' guider")
     sets = bench._input_sets(c, bench.SHAPES[shape], torch.float32, DEVICE)
     if impl == "fastguide":
         fn = c.fastguide(sets)
     elif impl == "diffusers":
         fn = c.diffusers(sets)
+    elif impl == "upstream":
+        fn = bench._cycled(c.upstream(sets), sets)
     else:
         math_fn = c.math(sets)
         fn = bench._cycled(torch.compile(math_fn, dynamic=False) if impl == "compile" else math_fn, sets)

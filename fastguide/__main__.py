@@ -11,7 +11,7 @@ EXIT_CODES = """exit codes:
 
 EPILOG = f"""examples:
   fastguide info                  which backend (C++, Triton, PyTorch fallback) serves each op here
-  fastguide bench --quick         fastguide against diffusers, eager, torch.compile and the memcpy floor
+  fastguide bench --quick         fastguide against diffusers / ComfyUI, eager, torch.compile, the memcpy floor
   fastguide bench --help          every benchmark option
   fastguide lab --quick           every guidance method measured on the shipped digits model (minutes)
   python -m fastguide info        the same without the console script
@@ -37,10 +37,30 @@ def info():
         print(f"  {name}")
         for device, backend in per_device.items():
             print(f"    {device:<6} {backend}")
-    print("guidance methods (fastguide.METHODS; enable(pipe, guidance=NAME)):")
+    print("guidance methods (fastguide.METHODS), and where each runs: fastguide.enable(pipe, guidance=NAME) on a "
+          "classic pipeline, or only the guider route (fastguide.diffusers guiders):")
     for name, m in methods.METHODS.items():
         print(f"  {name:<14} {m.summary}  [equals: {m.peer}]")
+        print(f"  {'':<14} -> {_route(m)}")
     return 0
+
+
+def _route(m):
+    """Where a registered method runs: `enable` on classic pipelines (`Method.enable_ready`: every branch comes
+    from the pipeline's own batch), or only as a guider (a middle / empty prompt, or a second model's branch)."""
+    guider = "fastguide.diffusers." + (m.twin or f"MultiBranchGuidance(method={m.name!r})")
+    if m.enable_ready:
+        return f"enable: yes; guider route: {guider}"
+    from . import methods
+    need = sorted(set(m.branches) - set(methods.ENABLE_BRANCHES) - set(m.models))
+    why = []
+    if need:
+        why.append(f"the {' and '.join(repr(b) for b in need)} prompt branch{'es' if len(need) > 1 else ''}")
+    if m.model_keys:
+        why.append(f"a second model ({', '.join(repr(k) for k in m.model_keys)})")
+    models = f", models={{{', '.join(repr(k) + ': ...' for k in m.model_keys)}}}" if m.model_keys else ""
+    return (f"enable: no, needs {' and '.join(why)}; guider route only: "
+            f"fastguide.diffusers.MultiBranchGuidance(method={m.name!r}{models})")
 
 
 def _lab_status():

@@ -3,12 +3,14 @@
 Columns (median time per call, microseconds; `--csv` adds the spread as IQR):
     fastguide   the fused op
     diffusers   the diffusers guider doing the same job (its `forward(...).pred`)
+    upstream    the peer's own eager math where it is not a diffusers guider: the ComfyUI node (Mahiro,
+                CFGNorm, RenormCFG, Perp-Neg, dual CFG, the CFG++ samplers), RLG's paper formula
     eager       the same math in plain PyTorch (fastguide/_eager.py, fp32 arithmetic)
     compile     that math under torch.compile (dynamic=False, default inductor mode)
     floor       a memcpy moving the bytes the op must move: each full-size input read once, each
                 full-size output written once (a copy of (read + written) / 2 bytes moves that much)
 %floor = floor / fastguide (100% = at the memory floor); GB/s = the op's minimum bytes / its time;
-x<peer> = peer / fastguide; launches = kernels per call (CUDA: profiler kernel events; CPU: top-level
+x<peer> = peer / fastguide (xup: upstream); launches = kernels per call (CUDA: profiler kernel events; CPU: top-level
 operator calls, where torch.compile's fused C++ kernels are not visible, so its count reads low).
 
 Timing: warm-up, then torch.utils.benchmark blocked repetitions (CPU) or CUDA events around each call
@@ -35,7 +37,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import _eager, frequency, ops
+from . import _eager, frequency, methods, ops
 
 SHAPES = {
     "sdxl": (2, 4, 128, 128),
@@ -50,7 +52,7 @@ ALL_SHAPES = {**SHAPES, **SWEEP}
 DEFAULT_SHAPES = ("sdxl", "flux", "video")  # `--shapes all`: every named shape and the size sweep
 QUICK_SHAPES = ("sdxl",)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-IMPLS = ("fastguide", "diffusers", "eager", "compile", "floor")
+IMPLS = ("fastguide", "diffusers", "upstream", "eager", "compile", "floor")
 ROTATE_BYTES = 128 << 20  # rotate inputs over at least this many bytes (> last-level cache)
 
 
@@ -70,6 +72,10 @@ class Case:
     diffusers: Optional[Callable]  # None: no diffusers peer for this job
     traffic: int = 0  # full-size tensors read + written at the least; default: inputs read, one output written
     applies: Callable = lambda shape: True  # noqa: E731 - shapes the job is defined for
+    # The peer's own eager math where it is not a diffusers guider (ComfyUI's node; RLG: its paper's formula),
+    # a builder `(sets) -> fn(*inputs)` like `math`; None: no such peer.
+    upstream: Optional[Callable] = None
+    diffusers_applies: Callable = lambda shape: True  # noqa: E731 - shapes the diffusers peer runs on
 
     def bytes_moved(self, numel, element_size):
         """Bytes the op must move at the least (the floor): every input read once, the outputs written once."""
@@ -94,7 +100,6 @@ _PEER_SETTINGS = {"cfg_zero_star": dict(zero_init_steps=0),
 def _diffusers_guider(kind, **kw):
     from diffusers import guiders
 
-    from . import methods
     method = methods.get(kind, "fastguide bench")
     if method.twin is None:
         raise ValueError(f"fastguide bench: {kind!r} has no diffusers peer guider")
@@ -166,6 +171,214 @@ def _fdg_applies(shape):
     return len(shape) == 4 and (pow2(shape[2]) or pow2(shape[3])) and shape[2] % 2 == 0 and shape[3] % 2 == 0
 
 
+# --- the methods added in session 4: diffusers 0.42 guiders (twins in fastguide.diffusers) -----------------
+def _mag_math(sets):
+    """MAMBO-G in plain PyTorch (diffusers' mambo_guidance with vector norms, so it runs on any rank)."""
+    def run(c, u):
+        d = c - u
+        dims = tuple(range(1, c.dim()))
+        norm = lambda x: torch.linalg.vector_norm(x, dim=dims, keepdim=True)  # noqa: E731
+        ratio = norm(d) / norm(u)
+        return u + (1.0 + (7.5 - 1.0) * torch.exp(-8.0 * ratio)) * d
+    return run
+
+
+def _tcfg_math(sets):
+    """TCFG in plain PyTorch as fastguide computes it (2 x 2 Gram matrix per sample, its SVD, one combine)."""
+    def run(c, u):
+        cf, uf = c.flatten(1).double(), u.flatten(1).double()
+        cu, uu = (cf * uf).sum(1), (uf * uf).sum(1)
+        gram = torch.stack([torch.stack([(cf * cf).sum(1), cu], -1), torch.stack([cu, uu], -1)], -2)
+        U, S, _ = torch.linalg.svd(gram)
+        k = (U[:, 0, 0] * cu + U[:, 1, 0] * uu) / S[:, 0]
+        shape = (-1,) + (1,) * (c.dim() - 1)
+        a, b = (7.5 + (1 - 7.5) * k * U[:, 0, 0]).float().view(shape), ((1 - 7.5) * k * U[:, 1, 0]).float().view(shape)
+        return a * c + b * u
+    return run
+
+
+# AdaptiveProjectedMixGuidance (HunyuanImage 2.1): guidance_scale 3.5 for the first steps, then APG with scale 10,
+# momentum -0.5, norm threshold 10, eta 0 (diffusers' defaults). "apg_mix": a step in the APG phase (the steady
+# state); "apg_mix_cfg": a step in the CFG phase, where the momentum follows cond - uncond (CFG + buffer update).
+_APG_MIX = dict(guidance_scale=3.5, adaptive_projected_guidance_scale=10.0, adaptive_projected_guidance_momentum=-0.5,
+                adaptive_projected_guidance_rescale=10.0, eta=0.0)
+
+
+def _apg_mix_fastguide(apg_on):
+    def build(sets):
+        buf = ops.MomentumBuffer(-0.5)
+        return _cycled(lambda c, u: methods.apg_mix(c, u, 3.5, 10.0, apg_on, eta=0.0, norm_threshold=10.0,
+                                                    momentum_buffer=buf), sets)
+    return build
+
+
+def _apg_mix_math(sets):
+    buf, K = torch.zeros_like(sets[0][0]), sets[0][0][0].numel()
+    return lambda c, u: _eager.apg(c, u, None, 10.0, 0.0, 10.0, -0.5, buf, K, False)
+
+
+def _apg_mix_cfg_math(sets):
+    buf = torch.zeros_like(sets[0][0])
+
+    def run(c, u):
+        buf.mul_(-0.5).add_(c - u)
+        return _eager.cfg(c, u, None, 3.5, 0.0, False)
+    return run
+
+
+def _ltx2_fastguide(sets):
+    return _cycled(lambda c, u, p: methods.ltx2(c, [(3.0, u), (1.0, p)]), sets)
+
+
+# --- ComfyUI's methods: the node's eager math is the peer ("upstream" column), transcribed compactly ------------
+def _comfy_cfg(c, u, s):
+    """comfy/samplers.py cfg_function without model options."""
+    return u + (c - u) * s
+
+
+def _dual_cfg_upstream(sets):
+    """comfy_extras/nodes_custom_sampler.py Guider_DualCFG.predict_noise, regular style
+    (out = [negative, middle, positive], cfg1 = 7.5, cfg2 = 1.5)."""
+    return _pure(lambda c, m, u: _comfy_cfg(m, u, 1.5) + (c - m) * 7.5)(sets)
+
+
+def _perp_neg_upstream(sets):
+    """comfy_extras/nodes_perpneg.py perp_neg (the projection sums over the whole batch), then CFG."""
+    def run(c, u, e):
+        pos, neg = c - e, u - e
+        perp = neg - (torch.mul(neg, pos).sum() / torch.norm(pos) ** 2) * pos
+        return e + 7.5 * (pos - perp * 1.0)
+    return run
+
+
+def _perp_neg_math(sets):
+    K = sets[0][0][0].numel()
+
+    def run(c, u, e):
+        st = _eager.diff_stats(e, c, u, K).sum(0)  # <P, N>, |P|^2, |N|^2 over the batch
+        alpha = torch.where(st[1] > 0, st[0] / st[1], 0.0)
+        one = torch.ones_like(alpha)
+        return _eager.lincomb([e, c, u], torch.stack([one, 7.5 * (1 + alpha), -7.5 * one]), [])
+    return run
+
+
+def _rlg_upstream(sets):
+    """RLG as its paper writes it (Jin et al. 2025; no ComfyUI node): CFG on each model, g_ref + w (g_rl - g_ref)."""
+    def run(c, u, rc, ru):
+        g_rl, g_ref = _comfy_cfg(c, u, 7.5), _comfy_cfg(rc, ru, 7.5)
+        return g_ref + 1.5 * (g_rl - g_ref)
+    return run
+
+
+def _cfg_norm_upstream(sets):
+    """comfy_extras/nodes_cfg.py CFGNorm's post-CFG function on cfg_function's result (strength 1)."""
+    def run(c, u):
+        g = _comfy_cfg(c, u, 7.5)
+        scale = (torch.norm(c, dim=1, keepdim=True) / (torch.norm(g, dim=1, keepdim=True) + 1e-8)).clamp(0.0, 1.0)
+        return g * scale * 1.0
+    return run
+
+
+def _mahiro_upstream(sets):
+    """comfy_extras/nodes_mahiro.py mahiro_normd on cfg_function's result (the similarity averaged over the batch)."""
+    import torch.nn.functional as F
+
+    def run(c, u):
+        g = _comfy_cfg(c, u, 7.5)
+        leap, u_leap = c * 7.5, u * 7.5
+        merge = (leap + g) / 2
+        normu, normm = torch.sqrt(u_leap.abs()) * u_leap.sign(), torch.sqrt(merge.abs()) * merge.sign()
+        simsc = 2 * (F.cosine_similarity(normu, normm).mean() + 1)
+        return (simsc * g + (4 - simsc) * leap) / 4
+    return run
+
+
+def _mahiro_math(sets):
+    def run(c, u):
+        k = 2 * (_eager.mahiro_sim(c, u, None, 7.5).mean() + 1)
+        return _eager.lincomb([u, c], torch.stack([7.5 + k * (1 - 7.5) / 4, torch.full_like(k, 7.5)]), [])
+    return run
+
+
+def _renorm_cfg_upstream(sets):
+    """comfy_extras/nodes_lumina2.py RenormCFG below cfg_trunc (renorm_cfg 1, every channel guided); the node's
+    `if new_pos_norm >= max_new_norm` runs at batch 1 only: here a per-sample where."""
+    def run(c, u):
+        g = u + 7.5 * (c - u)
+        dims = tuple(range(1, c.dim()))
+        max_norm = torch.linalg.vector_norm(c, dim=dims, keepdim=True) * 1.0
+        norm = torch.linalg.vector_norm(g, dim=dims, keepdim=True)
+        return torch.where(norm >= max_norm, g * (max_norm / norm), g)
+    return run
+
+
+def _renorm_cfg_math(sets):
+    K = sets[0][0][0].numel()
+
+    def run(c, u):
+        raw = _eager.guidance_stats(c, u, None, K)
+        cu, cc, uu = raw[:, 0], raw[:, 1], raw[:, 2]
+        ng, nmax = ((1 - 7.5) ** 2 * uu + 2 * 7.5 * (1 - 7.5) * cu + 7.5 ** 2 * cc).clamp_min(0).sqrt(), cc.sqrt()
+        f = torch.where((ng >= nmax) & (ng > 0), nmax / torch.where(ng > 0, ng, 1.0), 1.0)
+        return _eager.lincomb([u, c], torch.stack([f, f * 7.5], 1), [])
+    return run
+
+
+# CFG++ steps (epsilon predictions in sigma space; lambda 0.6): sigma 2 -> 1.5, the DPM++ 2M step its second-order
+# one (previous sigma 3). Euler ancestral takes its noise as an input (ComfyUI draws it in the sampler).
+_SIG, _SIG_NEXT, _SIG_PREV, _LAM = 2.0, 1.5, 3.0, 0.6
+
+
+def _euler_a_fastguide(sets):
+    return _cycled(lambda x, c, u, n: ops.cfgpp_euler_ancestral_step(x, c, u, _LAM, _SIG, _SIG_NEXT, noise=n), sets)
+
+
+def _euler_a_math(sets):
+    down, up = ops._ancestral_step(_SIG, _SIG_NEXT, 1.0)
+    return lambda x, c, u, n: _eager.cfgpp_step(x, c, u, 1.0, -_SIG, down, None, _LAM) + n * up
+
+
+def _euler_a_upstream(sets):
+    """comfy/k_diffusion/sampling.py sample_euler_ancestral_cfg_pp, one step (eta 1, s_noise 1), the model's
+    denoised outputs formed as ComfyUI's model_sampling does (x - sigma eps)."""
+    down, up = ops._ancestral_step(_SIG, _SIG_NEXT, 1.0)
+
+    def run(x, c, u, n):
+        uncond_denoised = x - _SIG * u
+        denoised = _comfy_cfg(x - _SIG * c, uncond_denoised, _LAM)
+        d = (x - uncond_denoised) / _SIG
+        return denoised + d * down + n * 1.0 * up
+    return run
+
+
+def _dpmpp_2m_fastguide(sets):
+    return _cycled(lambda x, c, u, old: ops.cfgpp_dpmpp_2m_step(x, c, u, _LAM, _SIG, _SIG_NEXT, old_uncond_denoised=old,
+                                                                sigma_prev=_SIG_PREV), sets)
+
+
+def _dpmpp_2m_math(sets):
+    h = math.log(_SIG / _SIG_NEXT)
+    k = -math.expm1(-h) / (2 * math.log(_SIG_PREV / _SIG) / h)
+    wc = -_SIG * (1 + k) * _LAM
+    wu = -_SIG * (1 + k) * (1 - _LAM) + _SIG_NEXT
+    return lambda x, c, u, old: (_eager.lincomb([x, c, u, old], None, [1.0 + wc + wu, wc, wu, -k]),
+                                 _eager.lincomb([u, x], None, [1.0 - _SIG, 1.0]))
+
+
+def _dpmpp_2m_upstream(sets):
+    """comfy/k_diffusion/sampling.py sample_dpmpp_2m_cfg_pp, one second-order step; returns (x, uncond_denoised)."""
+    t_fn = lambda s: -math.log(s)  # noqa: E731
+    h, h_last = t_fn(_SIG_NEXT) - t_fn(_SIG), t_fn(_SIG) - t_fn(_SIG_PREV)
+    r = h_last / h
+
+    def run(x, c, u, old):
+        uncond_denoised = x - _SIG * u
+        denoised = _comfy_cfg(x - _SIG * c, uncond_denoised, _LAM)
+        denoised_mix = -math.exp(-h) * uncond_denoised - math.expm1(-h) * (1 / (2 * r)) * (denoised - old)
+        return denoised + denoised_mix + math.exp(-h) * x, uncond_denoised
+    return run
+
+
 CASES = {
     "cfg": Case("cfg", 2, _fastguide(lambda c, u: ops.cfg(c, u, 7.5)),
                 _pure(lambda c, u: _eager.cfg(c, u, None, 7.5, 0.0, False)),
@@ -194,6 +407,50 @@ CASES = {
         applies=lambda shape: len(shape) >= 3 and min(shape[-2:]) >= 4),
     "fdg": Case("fdg", 2, _fastguide(lambda c, u: frequency.fdg(c, u, [10.0, 5.0])), _fdg_math, _fdg_diffusers,
                 applies=_fdg_applies),
+    # --- session 4: the diffusers 0.42 guiders twinned (peer: the stock diffusers guider's forward) ---
+    # MAG: one guidance_stats pass + one cfg pass (5 tensor moves against the floor's 3). diffusers' MAG takes
+    # torch.norm over dims 1.. (a matrix norm): it fails on 4-D and 5-D inputs, so its column is empty there.
+    "mag": Case("mag", 2, _fastguide(lambda c, u: methods.mag(c, u, 7.5, 8.0)), _mag_math,
+                _guider("mag", guidance_scale=7.5, alpha=8.0), diffusers_applies=lambda shape: len(shape) <= 3),
+    # TCFG: guidance_stats, a [B, 2, 2] SVD, one combine (diffusers: SVD of [B, 2, N] and two matmuls).
+    "tcfg": Case("tcfg", 2, _fastguide(lambda c, u: methods.tcfg(c, u, 7.5)), _tcfg_math,
+                 _guider("tcfg", guidance_scale=7.5)),
+    # APMix in its APG phase (start step 0, timed at step 1): APG's traffic (cond, uncond, buffer in; buffer, out).
+    "apg_mix": Case("apg_mix", 2, _apg_mix_fastguide(True), _apg_mix_math,
+                    _guider("apg_mix", **_APG_MIX, adaptive_projected_guidance_start_step=0), traffic=5),
+    # APMix in its CFG phase (start step 5, timed at step 1): CFG plus the momentum update, the same 5 tensors.
+    "apg_mix_cfg": Case("apg_mix_cfg", 2, _apg_mix_fastguide(False), _apg_mix_cfg_math,
+                        _guider("apg_mix", **_APG_MIX, adaptive_projected_guidance_start_step=5), traffic=5),
+    # LTX-2, single modality: cond + (gs - 1)(cond - uncond) + stg (cond - stg pass): one fused pag pass.
+    "ltx2": Case("ltx2", 3, _ltx2_fastguide,
+                 _pure(lambda c, u, p: _eager.pag(c, u, p, None, 3.0, None, 1.0, 0.0, True)),
+                 _guider("ltx2", guidance_scale=4.0, stg_scale=1.0)),
+    # --- session 4: ComfyUI's methods and RLG (peer: the node's eager math, the "upstream" column) ---
+    "dual_cfg": Case("dual_cfg", 3, _fastguide(lambda c, m, u: ops.dual_cfg(c, m, u, 7.5, 1.5)),
+                     _pure(lambda c, m, u: _eager.lincomb([u, m, c], None, [1.0, 1.5 - 7.5, 7.5])), None,
+                     upstream=_dual_cfg_upstream),
+    # Perp-Neg: diff_stats (reads 3) then one lincomb (reads 3, writes 1); the floor counts each input once.
+    "perp_neg": Case("perp_neg", 3, _fastguide(lambda c, u, e: ops.perp_neg(c, u, e, 7.5, 1.0)), _perp_neg_math, None,
+                     upstream=_perp_neg_upstream),
+    # RLG: cond, uncond of the RL model, cond, uncond of the reference model: one lincomb over 4 inputs.
+    "rlg": Case("rlg", 4, _fastguide(lambda c, u, rc, ru: ops.two_model_cfg(c, u, rc, ru, 7.5, 1.5)),
+                _pure(lambda c, u, rc, ru: _eager.lincomb([ru, rc, u, c], None,
+                                                          [1.0, (1 - 1.5) * 7.5, 1.5 * (1 - 7.5), 1.5 * 7.5])),
+                None, upstream=_rlg_upstream),
+    "cfg_norm": Case("cfg_norm", 2, _fastguide(lambda c, u: ops.cfg_norm(c, u, 7.5)),
+                     _pure(lambda c, u: _eager.cfg_norm(c, u, None, 7.5, 1.0)), None, upstream=_cfg_norm_upstream,
+                     applies=lambda shape: len(shape) >= 2),
+    "mahiro": Case("mahiro", 2, _fastguide(lambda c, u: ops.mahiro(c, u, 7.5)), _mahiro_math, None,
+                   upstream=_mahiro_upstream),
+    "renorm_cfg": Case("renorm_cfg", 2, _fastguide(lambda c, u: ops.renorm_cfg(c, u, 7.5, 1.0)), _renorm_cfg_math,
+                       None, upstream=_renorm_cfg_upstream),
+    # CFG++ Euler ancestral: x, cond, uncond, noise in; x_next out (cfgpp_step, then the noise added in place).
+    "euler_ancestral_cfg_pp": Case("euler_ancestral_cfg_pp", 4, _euler_a_fastguide, _euler_a_math, None,
+                                   upstream=_euler_a_upstream),
+    # CFG++ DPM++ 2M, second-order step: x, cond, uncond, the previous uncond_denoised in; x_next and
+    # uncond_denoised out (the latter is the next step's input).
+    "dpmpp_2m_cfg_pp": Case("dpmpp_2m_cfg_pp", 4, _dpmpp_2m_fastguide, _dpmpp_2m_math, None,
+                            upstream=_dpmpp_2m_upstream, traffic=6),
 }
 
 
@@ -292,7 +549,9 @@ def run_bench(case_names, shape_names, dtype_names, device, impls=IMPLS, min_run
         math_fn = case.math(sets)
         fns = {
             "fastguide": lambda: case.fastguide(sets),
-            "diffusers": (lambda: case.diffusers(sets)) if case.diffusers and cname not in no_diffusers else None,
+            "diffusers": ((lambda: case.diffusers(sets))
+                          if case.diffusers and cname not in no_diffusers and case.diffusers_applies(shape) else None),
+            "upstream": (lambda: _cycled(case.upstream(sets), sets)) if case.upstream else None,
             "eager": lambda: _cycled(math_fn, sets),
             "compile": lambda: _cycled(torch.compile(math_fn, dynamic=False), sets),
             "floor": lambda: _cycled(dst.copy_, [[s] for s in srcs]),
@@ -314,7 +573,7 @@ def run_bench(case_names, shape_names, dtype_names, device, impls=IMPLS, min_run
             t = row["fastguide_us"]
             if "floor" in impls:
                 row["pct_floor"] = 100.0 * row["floor_us"] / t
-            for peer in ("diffusers", "eager", "compile"):
+            for peer in ("diffusers", "upstream", "eager", "compile"):
                 if peer in impls and not math.isnan(row[f"{peer}_us"]):
                     row[f"x_{peer}"] = row[f"{peer}_us"] / t
         rows.append(row)
@@ -340,16 +599,17 @@ def _write_csv(path, env, rows):
 
 
 def format_table(rows, impls):
-    head = ["op", "shape", "dtype"] + [f"{i} us" for i in impls] + ["GB/s", "%floor", "xdiff", "xeager", "xcompile",
-                                                                    "launches fg/diff/eager"]
+    head = ["op", "shape", "dtype"] + [f"{i} us" for i in impls] + ["GB/s", "%floor", "xdiff", "xup", "xeager",
+                                                                    "xcompile", "launches fg/diff/up/eager"]
     lines = []
     for r in rows:
         cells = [r["op"], r["shape"], r["dtype"]]
         cells += ["-" if math.isnan(r[f"{i}_us"]) else f"{r[f'{i}_us']:.1f}" for i in impls]
         cells += [f"{r['fastguide_GBps']:.1f}" if "fastguide_GBps" in r else "-"]
         cells += [f"{r['pct_floor']:.0f}%" if "pct_floor" in r else "-"]
-        cells += [f"{r[k]:.1f}x" if k in r else "-" for k in ("x_diffusers", "x_eager", "x_compile")]
-        cells += ["/".join(str(r.get(f"{i}_launches", "")) or "-" for i in ("fastguide", "diffusers", "eager"))]
+        cells += [f"{r[k]:.1f}x" if k in r else "-" for k in ("x_diffusers", "x_upstream", "x_eager", "x_compile")]
+        cells += ["/".join(str(r.get(f"{i}_launches", "")) or "-"
+                           for i in ("fastguide", "diffusers", "upstream", "eager"))]
         lines.append(cells)
     return _render(head, lines)
 
@@ -364,7 +624,8 @@ def write_plot(rows, path, impls, device_name):
     ncols = min(3, len(names))
     nrows = math.ceil(len(names) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 3.6 * nrows), squeeze=False)
-    styles = {"fastguide": "-", "diffusers": "--", "eager": ":", "compile": "-.", "floor": "-"}
+    styles = {"fastguide": "-", "diffusers": "--", "upstream": (0, (5, 1, 1, 1)), "eager": ":", "compile": "-.",
+              "floor": "-"}
     for ax, op in zip(axes.flat, names):
         for dtype in dict.fromkeys(r["dtype"] for r in rows):
             group = sorted((r for r in rows if r["op"] == op and r["dtype"] == dtype), key=lambda r: r["bytes"])
@@ -372,7 +633,7 @@ def write_plot(rows, path, impls, device_name):
                 pts = [(r["bytes"], r[f"{impl}_GBps"]) for r in group if f"{impl}_GBps" in r]
                 if pts:
                     floor = impl == "floor"
-                    ax.plot(*zip(*pts), styles[impl], marker="o", markersize=3,
+                    ax.plot(*zip(*pts), linestyle=styles[impl], marker="o", markersize=3,
                             label=f"{'memcpy floor' if floor else impl} {dtype}",
                             color="black" if floor else None, linewidth=2.2 if floor else 1.2)
         ax.set_xscale("log", base=2)

@@ -134,6 +134,24 @@ def test_info_works(capsys):
     assert out.startswith("fastguide ") and "  cfg\n" in out and "    cpu " in out
 
 
+def test_info_says_where_each_method_runs(capsys):
+    """Each registered method's line is followed by its route: enable (classic pipelines) or the guider route only,
+    naming the branch enable cannot build or the second model."""
+    from fastguide import methods
+    assert main(["info"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for name, m in methods.METHODS.items():
+        i = next(k for k, line in enumerate(lines) if line.startswith(f"  {name} ") and "[equals:" in line)
+        route = lines[i + 1].strip()
+        assert route.startswith("-> enable: yes" if m.enable_ready else "-> enable: no"), (name, route)
+        if not m.enable_ready:
+            assert f"MultiBranchGuidance(method={name!r}" in route, route
+        for key in m.model_keys:
+            assert f"second model ({key!r})" in route and f"models={{{key!r}: ...}}" in route, route
+    route = {line.split()[0]: lines[k + 1] for k, line in enumerate(lines) if "[equals:" in line}
+    assert "needs the 'middle' prompt branch" in route["dual_cfg"] and "enable: yes" in route["cfg"]
+
+
 def test_quiet_hides_profiler_lines_and_warnings_and_sums_them_up(capfd):
     q = bench.QuietThirdParty()
     with q:
@@ -173,3 +191,55 @@ def test_bench_parser_is_shared_by_both_entry_points():
     own = bench.build_parser()
     opts = lambda p: sorted(o for a in p._actions for o in a.option_strings)  # noqa: E731
     assert opts(top) == opts(own) and isinstance(own.parse_args([]), argparse.Namespace)
+
+
+# --- the benchmark's cases: the right floor, and every implementation of a case doing the same job ----------
+# The methods added in session 4 (issue 14): diffusers twins and ComfyUI's methods (with RLG and the CFG++ steps).
+NEW_CASES = ("mag", "tcfg", "apg_mix", "apg_mix_cfg", "ltx2", "dual_cfg", "perp_neg", "rlg", "cfg_norm", "mahiro",
+             "renorm_cfg", "euler_ancestral_cfg_pp", "dpmpp_2m_cfg_pp")
+
+
+@pytest.mark.parametrize("case,n", [("mag", 3), ("tcfg", 3), ("apg_mix", 5), ("apg_mix_cfg", 5), ("ltx2", 4),
+                                    ("dual_cfg", 4), ("perp_neg", 4), ("rlg", 5), ("cfg_norm", 3), ("mahiro", 3),
+                                    ("renorm_cfg", 3), ("euler_ancestral_cfg_pp", 5), ("dpmpp_2m_cfg_pp", 6)])
+def test_bench_floor_bytes_of_the_new_methods(case, n):
+    """Floor = each input read once + the outputs written once (APMix: APG's buffer in and out; DPM++ 2M: x_next
+    and uncond_denoised out; Euler ancestral: its noise is an input)."""
+    assert bench.CASES[case].bytes_moved(1000, 2) == n * 1000 * 2
+
+
+def test_every_registered_method_has_a_bench_case():
+    # methods whose combine is another case's op: frequency (fresca / frecas), weak_model (cfg's op)
+    covered = {"frequency": "fresca", "weak_model": "cfg"}
+    from fastguide import methods
+    assert set(NEW_CASES) <= set(bench.CASES)
+    missing = [m for m in methods.METHODS if covered.get(m, m) not in bench.CASES]
+    assert missing == []
+
+
+def _outputs(fn):
+    out = fn()
+    return [t.double() for t in (out if isinstance(out, tuple) else (out,))]
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 8, 6), (1, 16, 8)], ids=["4d", "3d"])
+@pytest.mark.parametrize("case", NEW_CASES)
+def test_bench_peers_compute_the_same_job(case, shape):
+    """fastguide, its diffusers / upstream peer and the eager math of a case give one result on one input set
+    (so the bench compares like with like); torch.compile of that math is left to the bench itself."""
+    c = bench.CASES[case]
+    sets = [[torch.randn(shape) for _ in range(c.n_inputs)]]
+    ref = _outputs(c.fastguide(sets))
+    impls = {"eager": bench._cycled(c.math(sets), sets)}
+    if c.diffusers is not None and c.diffusers_applies(shape):
+        impls["diffusers"] = c.diffusers(sets)
+    if c.upstream is not None:
+        impls["upstream"] = bench._cycled(c.upstream(sets), sets)
+    # a peer on every shape, except diffusers' MAG on 4-D inputs (it fails there: a matrix norm over 3 dims)
+    assert len(impls) == (1 if (case, len(shape)) == ("mag", 4) else 2), impls
+    for name, fn in impls.items():
+        out = _outputs(fn)
+        assert len(out) == len(ref), name
+        for o, r in zip(out, ref):
+            err = ((o - r).abs().max() / r.abs().max()).item()
+            assert err < 1e-5, (case, name, err)
