@@ -48,19 +48,16 @@ def info():
 def _route(m):
     """Where a registered method runs: `enable` on classic pipelines (`Method.enable_ready`: every branch comes
     from the pipeline's own batch), or only as a guider (a middle / empty prompt, or a second model's branch)."""
-    guider = "fastguide.diffusers." + (m.twin or f"MultiBranchGuidance(method={m.name!r})")
+    models = f"models={{{', '.join(repr(k) + ': ...' for k in m.model_keys)}}}" if m.model_keys else ""
+    guider = "fastguide.diffusers." + (m.twin or f"MultiBranchGuidance(method={m.name!r}{', ' + models if models else ''})")
     if m.enable_ready:
-        return f"enable: yes; guider route: {guider}"
+        second = f" with {models} (a second model ({', '.join(repr(k) for k in m.model_keys)}))" if models else ""
+        return f"enable: yes{second}; guider route: {guider}"
     from . import methods
     need = sorted(set(m.branches) - set(methods.ENABLE_BRANCHES) - set(m.models))
-    why = []
-    if need:
-        why.append(f"the {' and '.join(repr(b) for b in need)} prompt branch{'es' if len(need) > 1 else ''}")
-    if m.model_keys:
-        why.append(f"a second model ({', '.join(repr(k) for k in m.model_keys)})")
-    models = f", models={{{', '.join(repr(k) + ': ...' for k in m.model_keys)}}}" if m.model_keys else ""
-    return (f"enable: no, needs {' and '.join(why)}; guider route only: "
-            f"fastguide.diffusers.MultiBranchGuidance(method={m.name!r}{models})")
+    where = " (enable: StableDiffusionInstructPix2PixPipeline's [text, image, uncond] batch)" if need == ["middle"] else ""
+    return (f"enable: no, needs the {' and '.join(repr(b) for b in need)} prompt branch{'es' if len(need) > 1 else ''}"
+            f"{where}; guider route only: {guider}")
 
 
 def _lab_status():
