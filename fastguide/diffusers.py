@@ -70,7 +70,7 @@ from .skip import NoiseSchedule, SkipPolicy, check_policy
 
 __all__ = ["AdaptiveProjectedGuidance", "AdaptiveProjectedMixGuidance", "AutoGuidance", "BaseGuidance",
            "ClassifierFreeGuidance", "ClassifierGuidance", "ClassifierFreeZeroStarGuidance",
-           "FrequencyDecoupledGuidance", "LTX2Guidance", "MagnitudeAwareGuidance", "MultiBranchGuidance",
+           "CFGPlusPlusGuidance", "FrequencyDecoupledGuidance", "LTX2Guidance", "MagnitudeAwareGuidance", "MultiBranchGuidance",
            "PerturbedAttentionGuidance", "SkipLayerGuidance", "SmoothedEnergyGuidance",
            "TangentialClassifierFreeGuidance", "guider_from",
            "recording", "GUIDERS", "SKIPPING"]
@@ -906,6 +906,56 @@ class MultiBranchGuidance(BaseGuidance):
             p["scale"] = float(self.guidance_scale)
         return GuiderOutput(pred=self.method.combine(x, p, self._state, self._step), pred_cond=x["cond"],
                             pred_uncond=x.get("uncond"))
+
+
+class CFGPlusPlusGuidance(ClassifierFreeGuidance):
+    """CFG++ (Chung et al. 2024) as a guider for diffusers' DDIMScheduler (eta 0, epsilon predictions):
+    `guidance_scale` is CFG++'s lambda (typically in [0, 1]). CFG++'s step takes x0 from the guided prediction
+    g = u + lambda (c - u) and the direction from the unconditional one; DDIM's step of this guider's output then
+    equals it exactly, because that output is CFG at the per-step scale lambda c1 / (c1 - c2), with
+    c1 = sqrt(a_prev (1 - a_t) / a_t), c2 = sqrt(1 - a_prev) (a = alphas_cumprod, prev = t - T // steps as DDIM):
+    one fused cfg pass, any pipeline on the guider protocol, no sampler change. Needs scheduler=pipe.scheduler."""
+
+    def _check_ddim(self):
+        sched = self._schedule
+        if sched is None or sched.class_name != "DDIMScheduler" or sched.prediction_type != "epsilon":
+            got = "no scheduler" if sched is None else f"{sched.class_name} ({sched.prediction_type})"
+            raise ValueError(f"fastguide.diffusers.CFGPlusPlusGuidance: needs scheduler=pipe.scheduler, a DDIMScheduler "
+                             f"with epsilon prediction (its step is what the output is built for), got {got}")
+        if sched.config.get("clip_sample") or sched.config.get("thresholding"):
+            raise ValueError("fastguide.diffusers.CFGPlusPlusGuidance: the DDIMScheduler clips / thresholds its x0 "
+                             "estimate, which CFG++ takes from the guided prediction; use clip_sample=False, "
+                             "thresholding=False (or fastguide.cfgpp_ddim_step in your own loop)")
+
+    def set_state(self, step, num_inference_steps, timestep):
+        self._check_ddim()  # the first protocol call: before any step is taken
+        super().set_state(step, num_inference_steps, timestep)
+
+    def _is_cfg_enabled(self):
+        return self._enabled  # lambda = 1 is CFG++'s full guidance, not "off"
+
+    def _alpha(self, t):
+        sched = self._schedule
+        if t < 0:  # DDIM's final step: alpha 1 (set_alpha_to_one), else alphas_cumprod[0]
+            return 1.0 if sched.config.get("set_alpha_to_one", True) else 1.0 / (1.0 + sched.sigma(0) ** 2)
+        return 1.0 / (1.0 + sched.sigma(t) ** 2)
+
+    def effective_scale(self):
+        """The CFG scale this step's output uses (lambda c1 / (c1 - c2))."""
+        t = int(round(float(self._timestep.flatten()[0] if isinstance(self._timestep, torch.Tensor) else self._timestep)))
+        a, a_prev = self._alpha(t), self._alpha(t - self._schedule.num_train_timesteps // self._num_inference_steps)
+        c1, c2 = (a_prev * (1.0 - a) / a) ** 0.5, (1.0 - a_prev) ** 0.5
+        if abs(c1 - c2) < 1e-12:
+            # a_prev == a_t (DDIM's last step at t = 0 without set_alpha_to_one): DDIM's update ignores the
+            # prediction there, so no output reproduces CFG++'s step; the guided prediction itself
+            return float(self.guidance_scale)
+        return float(self.guidance_scale) * c1 / (c1 - c2)
+
+    def _guide(self, pred_cond, pred_uncond, rows=None):
+        if not self._enabled:
+            return pred_cond
+        return ops.cfg(pred_cond, pred_uncond, self.effective_scale(), rescale=float(self.guidance_rescale),
+                       original=self.use_original_formulation)
 
 
 GUIDERS = {  # diffusers guider -> fastguide twin

@@ -95,3 +95,33 @@ def test_bad_input():
         fastguide.cfgpp_euler_step(x[:1], c, u, 0.5, 2.0, 1.0)
     with pytest.raises(ValueError, match="in \\(0, 1\\]"):
         fastguide.cfgpp_ddim_step(x, c, u, 0.5, 0.0, 0.5)
+
+
+@pytest.mark.parametrize("set_alpha_to_one", [True, False])
+def test_cfgpp_guider_makes_ddim_take_the_cfgpp_step(set_alpha_to_one):
+    """CFGPlusPlusGuidance's output, stepped by diffusers' DDIMScheduler, equals the fused CFG++ DDIM step on every
+    step of a trajectory (its output is CFG at the per-step scale lambda c1 / (c1 - c2))."""
+    from diffusers import DDIMScheduler
+
+    import fastguide.diffusers as fgd
+    sch = DDIMScheduler(clip_sample=False, set_alpha_to_one=set_alpha_to_one)
+    n = 10
+    sch.set_timesteps(n)
+    guider = fgd.CFGPlusPlusGuidance(guidance_scale=0.6, scheduler=sch)
+    g = torch.Generator().manual_seed(0)
+    x, c, u = (torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    for i, t in enumerate(sch.timesteps):
+        guider.set_state(i, n, t)
+        guider.prepare_inputs({})
+        ours = sch.step(guider.forward(c, u).pred, t, x).prev_sample
+        prev = int(t) - 1000 // n
+        a_prev = float(sch.alphas_cumprod[prev]) if prev >= 0 else float(sch.final_alpha_cumprod)
+        ref = fastguide.cfgpp_ddim_step(x, c, u, 0.6, float(sch.alphas_cumprod[int(t)]), a_prev)
+        if not set_alpha_to_one and int(t) == 0:  # a_prev == a_t: DDIM's update ignores the prediction
+            torch.testing.assert_close(ours, x, rtol=1e-6, atol=1e-6)
+            continue
+        torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)  # DDIM's alphas are fp32 tensors
+    with pytest.raises(ValueError, match="clip_sample=False"):
+        fgd.CFGPlusPlusGuidance(guidance_scale=0.6, scheduler=DDIMScheduler()).set_state(0, n, 999)
+    with pytest.raises(ValueError, match="needs scheduler=pipe.scheduler, a DDIMScheduler"):
+        fgd.CFGPlusPlusGuidance(guidance_scale=0.6).set_state(0, n, 999)

@@ -104,6 +104,8 @@ def _methods(scheduler=None, pipe=None):
         # estimate the noisy classifier (at t = 0) gives >= 0.999 to the target, else the most convincing one
         "dynamic_cfg": (lambda s: fc.DynamicCFG(_noisy_classifier(), scales=[c for c in (1.0, 2.0, 3.0, 5.0, 8.0) if c <= s],
                                                 threshold=0.999, scheduler=scheduler), (3.0, 8.0)),
+        # CFG++ (lambda in [0, 1]) as a guider: DDIM's step of its output is CFG++'s step
+        "cfgpp": (lambda s: fg.CFGPlusPlusGuidance(guidance_scale=s, scheduler=scheduler), (0.2, 0.4, 0.6, 0.8)),
         # FreSca on CFG (the registry's "frequency" method through the generic guider): the high band of cond - uncond
         # (outside the centre 2x2 of the 8x8 spectrum) guided at 1.25x the scale, the low band at the scale
         "fresca": (lambda s: fg.MultiBranchGuidance(method="frequency", params={"scale_low": s, "scale_high": 1.25 * s,
