@@ -165,9 +165,12 @@ def test_enable_installs_the_methods_guider_and_disable_restores(pipe):
         r = pipe.fastguide_report
         assert out.nfe == 10 * 6 + 10 and (r.steps, r.nfe, r.nfe_skipped) == (6, 70, 50)
         assert r.ag_switch_step == [0] * 10
-        with pytest.raises(ValueError, match="no guider twin"):
-            fastguide.enable(pipe, guidance="frequency")
+        with pytest.raises(ValueError, match="need a twin guider"):  # frequency has none: no AG through its guider
+            fastguide.enable(pipe, guidance="frequency", cutoff=1, adaptive=fastguide.AG())
         assert isinstance(pipe.guider, fg.ClassifierFreeGuidance)  # a failed enable changes nothing
+        fastguide.enable(pipe, guidance="frequency", cutoff=1, scale_high=4.0)  # the registry combine as a guider
+        assert isinstance(pipe.guider, fg.MultiBranchGuidance) and pipe.guider.method.name == "frequency"
+        assert torch.isfinite(sample(pipe, None, labels[:2], steps=2).images).all()
     finally:
         fastguide.disable(pipe)
     assert pipe.guider is None and not hasattr(pipe, "fastguide_report")

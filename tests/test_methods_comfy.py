@@ -170,9 +170,10 @@ def test_registry_declares_model_branches():
     rlg, auto = fastguide.METHODS["rlg"], fastguide.METHODS["weak_model"]
     assert rlg.model_keys == ("ref",) and auto.model_keys == ("weak",)
     assert auto.models == {"weak": ("weak", "cond")}
-    for name in ("dual_cfg", "perp_neg", "rlg", "weak_model"):
-        # enable() builds cond / uncond / perturbed only: these need the guider route (or pipelines.py support)
+    for name in ("dual_cfg", "perp_neg"):
+        # enable() builds cond / uncond / perturbed and model branches (models=), not extra prompt branches
         assert not fastguide.METHODS[name].enable_ready
+    assert rlg.enable_ready and auto.enable_ready  # with enable(..., models={...})
     assert all(fastguide.METHODS[n].enable_ready for n in ("cfg", "apg", "pag", "cfg_zero_star", "frequency", "fdg"))
     base = dict(summary="s", peer="p", params={"scale": None}, combine=lambda *a: None)
     with pytest.raises(ValueError, match="must map to \\(model key, one of \\('cond', 'uncond'\\)\\)"):
