@@ -252,7 +252,7 @@ def add_arguments(p):
     p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20, DDIM)")
     p.add_argument("--methods", default=None, help="comma-separated subset (default: all): cfg, cfg_rescale, apg, apg_x0, "
                    "cfg_zero_star, cfg_zero_star_init, pag_uncond, pag, classifier, elucd, elucd_schedule, elucd_x0, ppap, ppap_single, gfcg, "
-                   "gfcg_cfg3, dynamic_cfg, fdg, ag, ag_prediction, interval, first_steps, linear_ag")
+                   "gfcg_cfg3, dynamic_cfg, cfgpp, fresca, fdg, ag, ag_prediction, interval, first_steps, linear_ag")
     p.add_argument("--scales", default=None, help="comma-separated scales for every method (default: per method)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--csv", metavar="PATH", help="write the rows as CSV")
