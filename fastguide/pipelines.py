@@ -704,11 +704,7 @@ class _Guidance:
 
         def run(fn, prompts):
             rows = (list(range(half)) if "uncond" in prompts else []) + (list(range(half, batch)) if "cond" in prompts else [])
-            args = bound
-            if len(rows) < batch:
-                idx = torch.tensor(rows, device=bound.arguments[sample_name].device)
-                args = _rebound(bound, {k: _map_batched(v, batch, lambda t: t.index_select(0, idx.to(t.device)))
-                                        for k, v in bound.arguments.items()})
+            args = bound if len(rows) == batch else _select_rows(bound, batch, rows)
             out = fn(*args.args, **args.kwargs)
             pred = _prediction(out)
             self.report.nfe += pred.shape[0]
@@ -733,9 +729,7 @@ class _Guidance:
         half = batch // 2
         rows = self.rows
         if rows is not None:  # uncond rows still needed, then every cond row
-            idx = torch.tensor(rows + list(range(half, batch)), device=bound.arguments[sample_name].device)
-            for name, value in bound.arguments.items():
-                bound.arguments[name] = _map_batched(value, batch, lambda v: v.index_select(0, idx.to(v.device)))
+            bound = _select_rows(bound, batch, rows + list(range(half, batch)))
         out = forward(*bound.args, **bound.kwargs)
         pred = _prediction(out)
         n = half if rows is None else len(rows)
@@ -823,12 +817,8 @@ class _Guidance:
         batch = x.shape[0]
         guided = list(range(batch)) if self.rows is None else self.rows
         gidx = torch.tensor(guided, dtype=torch.long, device=x.device)
-        uncond_args = bound
-        if len(guided) < batch:  # the uncond rows of the still-guided samples only
-            part = bound.arguments.copy()
-            for key, value in part.items():
-                part[key] = _map_batched(value, batch, lambda v: v.index_select(0, gidx.to(v.device)))
-            uncond_args = _rebound(bound, part)
+        # the uncond rows of the still-guided samples only
+        uncond_args = bound if len(guided) == batch else _select_rows(bound, batch, guided)
         out, uncond = None, None
         if pending.out is None:  # deferred cond call: both branches in one forward when the arguments allow
             merged = _merge_calls(pending.bound, uncond_args, batch) if guided else None
@@ -918,6 +908,13 @@ def _rebound(bound, arguments):
     new = bound.signature.bind_partial()
     new.arguments.update(arguments)
     return new
+
+
+def _select_rows(bound, batch, rows):
+    """The call's arguments with every input batched like the latents reduced to `rows` (indices)."""
+    idx = torch.tensor(rows, dtype=torch.long, device=bound.arguments[next(iter(bound.arguments))].device)
+    return _rebound(bound, {k: _map_batched(v, batch, lambda t: t.index_select(0, idx.to(t.device)))
+                            for k, v in bound.arguments.items()})
 
 
 _DIFFERENT = object()
