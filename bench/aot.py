@@ -106,7 +106,9 @@ def cfgpp_cases(shape, dtype):
 
 
 def multibranch_cases(shape, dtype):
-    """lincomb (K = 2..4, per-sample weight tensor or floats), diff_stats, and the channel kernels (CFGNorm, Mahiro)."""
+    """lincomb (K = 2..4, per-sample weight tensor or floats), diff_stats, the channel kernels (CFGNorm, Mahiro)
+    and guide_weights (each method)."""
+    from fastguide import ops
     from fastguide.kernels import channel as ch
     from fastguide.kernels import lincomb as lc
     preds = [meta(shape, dtype) for _ in range(4)]
@@ -121,6 +123,11 @@ def multibranch_cases(shape, dtype):
     yield "cfg_norm", ch._plan_cfg_norm(preds[0], preds[1], out, scale_t(shape[0]), 0.0, 1.0)
     yield "mahiro_sim", ch._plan_mahiro(preds[0], preds[1], torch.empty((shape[0],), dtype=acc, device="meta"),
                                         None, 5.0)
+    from fastguide.kernels import weights as wk
+    for name, m in ops.WEIGHT_METHODS.items():  # the coefficients between the stats pass and the combine
+        stats = torch.empty((shape[0],) if name.startswith("mahiro") else (shape[0], 7), dtype=acc, device="meta")
+        w = torch.empty((shape[0], wk.COLS[m]), dtype=acc, device="meta")
+        yield f"guide_weights {name}", wk._plan_weights(stats, w, m, scale_t(shape[0]), 0.0, None, -1.5, 8.0)
 
 
 def frequency_cases(shape, dtype, nterms=(1, 2)):

@@ -186,3 +186,57 @@ def mahiro_sim(cond, uncond, scale_t, scale):
     a, m = _ssqrt(s * u), _ssqrt((s * c + g) / 2)
     cos = (a * m).sum(1) / (a.norm(dim=1).clamp_min(1e-8) * m.norm(dim=1).clamp_min(1e-8))
     return cos.reshape(B, -1).mean(1)
+
+
+# guide_weights' methods (fastguide/ops.py WEIGHT_METHODS): output columns of each, by id.
+WEIGHT_COLS = (1, 1, 2, 2, 3, 3, 2, 2, 2)
+
+
+def _tcfg_pq(cu, cc, uu):
+    """TCFG's u' = p c + q u (csrc/weights.cpp tcfg_pq): the leading eigenvector e of [[cc, cu], [cu, uu]]."""
+    d = (cc - uu) / 2
+    r = (d * d + cu * cu).sqrt()
+    lam = (cc + uu) / 2 + r
+    e0, e1 = torch.where(d >= 0, d + r, cu), torch.where(d >= 0, cu, r - d)
+    n = (e0 * e0 + e1 * e1).sqrt()
+    safe = torch.where(n > 0, n, 1.0)
+    e0, e1 = torch.where(n > 0, e0 / safe, 1.0), torch.where(n > 0, e1 / safe, 0.0)
+    k = torch.where(lam > 0, (e0 * cu + e1 * uu) / torch.where(lam > 0, lam, 1.0), 0.0)
+    return k * e0, k * e1
+
+
+def guide_weights(stats, method, scale_t, scale, scale2_t, scale2, param):
+    x = stats.double()
+    x = x[:, None] if x.dim() == 1 else x
+    B = x.shape[0]
+
+    def sc(t, v):
+        return torch.full((B,), v, dtype=torch.float64, device=x.device) if t is None else t.double().expand(B)
+
+    s, s2 = sc(scale_t, scale), sc(scale2_t, scale2)
+    if method in (5, 7):  # one projection / similarity for the batch
+        x = (x.sum(0, keepdim=True) if method == 5 else x.mean(0, keepdim=True)).expand(B, -1)
+    if method in (0, 1):  # MAG
+        cu, cc, uu = x[:, 0], x[:, 1], x[:, 2]
+        e = torch.exp(-param * ((cc - 2 * cu + uu).clamp_min(0).sqrt() / uu.sqrt()))
+        cols = [s * e if method == 1 else 1.0 + (s - 1.0) * e]
+    elif method in (2, 3):  # TCFG: a c + b u as lincomb([u, c])
+        p, q = _tcfg_pq(x[:, 0], x[:, 1], x[:, 2])
+        a, b = (1.0 + s - s * p, -s * q) if method == 3 else (s + (1.0 - s) * p, (1.0 - s) * q)
+        cols = [a + b, a]
+    elif method in (4, 5):  # Perp-Neg: lincomb([empty, cond, uncond])
+        pn, pp = x[:, 0], x[:, 1]
+        alpha = torch.where(pp > 0, pn / torch.where(pp > 0, pp, 1.0), 0.0)
+        cols = [torch.ones_like(s), s * (1.0 + s2 * alpha), -s * s2]
+    elif method in (6, 7):  # Mahiro: lincomb([uncond, cond])
+        k = 2 * (x[:, 0] + 1)
+        cols = [s + k * (1.0 - s) / 4, s]
+    elif method == 8:  # RenormCFG: lincomb([uncond, cond])
+        cu, cc, uu = x[:, 0], x[:, 1], x[:, 2]
+        ng = ((1 - s) * (1 - s) * uu + 2 * s * (1 - s) * cu + s * s * cc).clamp_min(0).sqrt()
+        nmax = param * cc.sqrt()
+        f = torch.where((ng >= nmax) & (ng > 0), nmax / torch.where(ng > 0, ng, 1.0), 1.0)
+        cols = [f, f * s]
+    else:
+        raise ValueError(f"fastguide.guide_weights: method must be in 0..{len(WEIGHT_COLS) - 1}, got {method}")
+    return torch.stack(cols, 1).to(stats.dtype)

@@ -225,17 +225,6 @@ register(Method(
 
 # --- the diffusers 0.42 guiders twinned in fastguide.diffusers (MAG, TCFG, APMix, LTX-2) -----------------
 # Each combine is one function here, called by the registry entry and by the twin alike.
-def _gram(cond, uncond):
-    """(<c,c>, <c,u>, <u,u>) per sample as float64 [B] tensors: one fused guidance_stats pass (fp32 sums); float64
-    inputs take float64 sums (the op's statistics come back in fp32)."""
-    ops._check_pair("guidance_stats", cond, uncond, "uncond")
-    if cond.dtype == torch.float64:
-        c, u = cond.flatten(1), uncond.flatten(1)
-        return (c * c).sum(1), (c * u).sum(1), (u * u).sum(1)
-    raw = ops.guidance_stats(cond, uncond).raw.double()
-    return raw[:, 1], raw[:, 0], raw[:, 2]
-
-
 def _per_sample(t, like):
     """A [B] (or 0-d) tensor broadcast over the non-batch dims of `like`."""
     return t.reshape(t.shape + (1,) * (like.dim() - t.dim())) if t.dim() else t
@@ -253,38 +242,25 @@ def mag(cond, uncond, scale, alpha, *, rescale=0.0, original=False):
     when c ~ u; the scale's error is then multiplied by the small c - u: measured on [2, 4096, 64], scale 10,
     alpha 8, the prediction is within 1e-5 of the float64 result (relative to its max) down to |c - u| = 0.01 |c|
     (diffusers' fp32: 6e-7; it forms c - u, one more pass). Float64 inputs: float64 norms."""
-    cc, cu, uu = _gram(cond, uncond)
-    ratio = (cc - 2 * cu + uu).clamp_min(0).sqrt() / uu.sqrt()  # |u| = 0: inf or nan, as in diffusers
-    if isinstance(scale, torch.Tensor):
-        scale = scale.to(ratio)
-    weight = torch.exp(-float(alpha) * ratio)
-    s = scale * weight if original else 1.0 + (scale - 1.0) * weight
-    acc = torch.float64 if cond.dtype == torch.float64 else torch.float32
-    return ops.cfg(cond, uncond, s.to(acc), rescale=rescale, original=original)
+    ops._check_pair("mag", cond, uncond, "uncond")
+    # s in one small op (guide_weights, fp64 math) from the Gram sums, then CFG with the [B] scale
+    w = ops._guide_weights(ops._gram_stats(cond, uncond), "mag_original" if original else "mag",
+                           ops._scale("mag", "scale", scale, cond), param=float(alpha))
+    return ops._op["cfg"](cond, uncond, w.view(-1), 0.0, ops._rescale("mag", rescale), bool(original))
 
 
 def tcfg(cond, uncond, scale, *, rescale=0.0, original=False):
     """Tangential CFG (diffusers `normalized_guidance` of TangentialClassifierFreeGuidance): uncond is replaced by
     its projection u' = <u, v0> v0 on the first right singular vector v0 of the 2 x N matrix [c; u] per sample,
     then CFG on (c, u'). v0 lies in span(c, u): with the 2 x 2 Gram matrix G = [c; u][c; u]^T = U S^2 U^T
-    (torch.linalg.svd of G, float64), v0 = (U00 c + U10 u) / S0, so u' = p c + q u and the guided prediction is
-    A c + B u with per-sample A, B: one guidance_stats pass, a 2 x 2 SVD per sample, one combine (two
-    element-wise kernels), instead of the SVD of [B, 2, N] and its matmuls. The sign of v0 cancels in u'."""
-    cc, cu, uu = _gram(cond, uncond)
-    gram = torch.stack([torch.stack([cc, cu], -1), torch.stack([cu, uu], -1)], -2)
-    U, S, _ = torch.linalg.svd(gram)
-    e0, e1, lam = U[:, 0, 0], U[:, 1, 0], S[:, 0]
-    k = torch.where(lam > 0, (e0 * cu + e1 * uu) / lam.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
-    p, q = k * e0, k * e1  # u' = p c + q u
-    if isinstance(scale, torch.Tensor):
-        scale = scale.to(p)
-    if original:  # c + s (c - u')
-        a, b = 1.0 + scale - scale * p, -scale * q
-    else:         # u' + s (c - u')
-        a, b = scale + (1.0 - scale) * p, (1.0 - scale) * q
-    acc = torch.float64 if cond.dtype == torch.float64 else torch.float32
-    a, b = _per_sample(a.to(acc), cond), _per_sample(b.to(acc), cond)
-    out = torch.addcmul(uncond * b, cond, a).to(cond.dtype)  # fp32 arithmetic for half inputs
+    (G's leading eigenvector, in closed form, float64), v0 = (U00 c + U10 u) / S0, so u' = p c + q u and the guided
+    prediction is A c + B u with per-sample A, B: one guidance_stats pass, one small op for A and B
+    (guide_weights), one lincomb, instead of the SVD of [B, 2, N] and its matmuls. The sign of v0 cancels in u'."""
+    ops._check_pair("tcfg", cond, uncond, "uncond")
+    # (a + b, a) as lincomb weights on [u, c], from a closed-form 2 x 2 eigenproblem in one small op (guide_weights)
+    w = ops._guide_weights(ops._gram_stats(cond, uncond), "tcfg_original" if original else "tcfg",
+                           ops._scale("tcfg", "scale", scale, cond))
+    out = ops._op["lincomb"]([uncond, cond], w, [])
     return ops.rescale(out, cond, rescale) if rescale > 0 else out
 
 

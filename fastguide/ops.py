@@ -50,6 +50,9 @@ SCHEMAS = (
     # channel.cpp: statistics along dim 1 at each position of [B, C, S...] (ComfyUI's CFGNorm, Mahiro).
     "cfg_norm(Tensor cond, Tensor uncond, Tensor? scale_t, float scale, float strength) -> Tensor",
     "mahiro_sim(Tensor cond, Tensor uncond, Tensor? scale_t, float scale) -> Tensor",
+    # weights.cpp: [B, K] per-sample coefficients of a multi-pass method (WEIGHT_METHODS) from its [B, k] stats.
+    "guide_weights(Tensor stats, int method, Tensor? scale_t, float scale, Tensor? scale2_t, float scale2, "
+    "float param) -> Tensor",
 )
 OPS = tuple(s.split("(", 1)[0] for s in SCHEMAS)
 
@@ -78,12 +81,13 @@ try:
     from .kernels import guidance as _triton_guidance
     from .kernels import channel as _triton_channel
     from .kernels import lincomb as _triton_lincomb
+    from .kernels import weights as _triton_weights
 
     _TRITON = {"cfg": _triton_guidance, "pag": _triton_guidance, "cfg_zero_star": _triton_guidance,
                "apg": _triton_apg, "guidance_stats": _triton_apg,
                "frequency_cfg": _triton_frequency, "frequency_split": _triton_frequency,
                "cfgpp_step": _triton_cfgpp, "lincomb": _triton_lincomb, "diff_stats": _triton_lincomb,
-               "cfg_norm": _triton_channel, "mahiro_sim": _triton_channel}
+               "cfg_norm": _triton_channel, "mahiro_sim": _triton_channel, "guide_weights": _triton_weights}
     CUDA_BACKEND, CUDA_ERROR = f"Triton {triton.__version__}", None
 except Exception as exc:  # noqa: BLE001 - triton missing or broken: fall back, say why
     _TRITON, CUDA_BACKEND, CUDA_ERROR = {}, None, f"{type(exc).__name__}: {exc}"
@@ -131,8 +135,12 @@ def _fake_mahiro_sim(cond, uncond, scale_t, scale):
     return cond.new_empty((cond.shape[0],), dtype=torch.float64 if cond.dtype == torch.float64 else torch.float32)
 
 
+def _fake_guide_weights(stats, method, scale_t, scale, scale2_t, scale2, param):
+    return stats.new_empty((stats.shape[0], _eager.WEIGHT_COLS[method]))
+
+
 _FAKES = {"guidance_stats": _fake_stats, "lincomb": _fake_lincomb, "diff_stats": _fake_diff_stats,
-          "mahiro_sim": _fake_mahiro_sim}
+          "mahiro_sim": _fake_mahiro_sim, "guide_weights": _fake_guide_weights}
 for _name in OPS:
     torch.library.register_fake(f"fastguide::{_name}", _FAKES.get(_name, _fake), lib=_lib)
 
@@ -632,6 +640,21 @@ def _lincomb(op, preds, weights):
     return _op["lincomb"](preds, wt, ws)
 
 
+# guide_weights' methods: name -> id (csrc/weights.cpp's enum; the output columns are _eager.WEIGHT_COLS).
+WEIGHT_METHODS = {"mag": 0, "mag_original": 1, "tcfg": 2, "tcfg_original": 3, "perp_neg": 4, "perp_neg_batch": 5,
+                  "mahiro": 6, "mahiro_batch": 7, "renorm_cfg": 8}
+
+
+def _guide_weights(stats, method, scale, scale2=(None, 0.0), param=0.0):
+    """The [B, K] per-sample coefficients of a multi-pass method (WEIGHT_METHODS) from its statistics pass, in one
+    op call (scales: the (tensor or None, float) pairs of `_scale`). The op has no autograd formula: when a
+    gradient is needed the same math runs as differentiable torch ops (fastguide/_eager.py)."""
+    m = WEIGHT_METHODS[method]
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (stats, scale[0], scale2[0])):
+        return _eager.guide_weights(stats, m, *scale, *scale2, float(param))
+    return _op["guide_weights"](stats, m, *scale, *scale2, float(param))
+
+
 def diff_stats(base, a, b):
     """Per sample, `<a - base, b - base>`, `|a - base|^2`, `|b - base|^2` as a [B, 3] tensor (fp32 sums;
     fp64 for fp64 inputs), one fused pass, on device (no host sync). Perp-Neg's projection of its
@@ -678,19 +701,18 @@ def perp_neg(cond, uncond, empty, scale, neg_scale, *, per_sample=False):
     `uncond` is the negative prompt's prediction, `empty` the empty prompt's. ComfyUI sums <N, P> and |P|^2
     over the whole batch (one projection for every sample); `per_sample=True` projects each sample on its
     own. Where |P| = 0 ComfyUI divides 0 by 0 (NaN everywhere); here the projection is 0 (perp = N).
-    Two passes: the dot products (diff_stats), then one lincomb; no host sync.
+    Two passes: the dot products (diff_stats), then one lincomb, with the weights between them in one small op
+    (guide_weights); no host sync.
     """
     op = "perp_neg"
     _named(op, cond, uncond=uncond, empty=empty)
-    s, ns = _acc_scale(op, "scale", scale, cond), _acc_scale(op, "neg_scale", neg_scale, cond)
+    s, ns = _scale(op, "scale", scale, cond), _scale(op, "neg_scale", neg_scale, cond)
     K = cond[0].numel()
-    st = (_op["diff_stats"](empty, cond, uncond, K) if K else torch.zeros((cond.shape[0], 3), device=cond.device))
-    st = st.to(_eager._acc(cond))  # [B, 3]: <P, N>, |P|^2, |N|^2
-    if not per_sample:
-        st = st.sum(0)  # one projection for the batch: 0-d coefficients
-    pn, pp = st[..., 0], st[..., 1]
-    alpha = torch.where(pp > 0, pn / torch.where(pp > 0, pp, 1.0), 0.0)
-    return _lincomb(op, [empty, cond, uncond], [1.0, s * (1 + ns * alpha), -s * ns])
+    st = (_op["diff_stats"](empty, cond, uncond, K) if K
+          else torch.zeros((cond.shape[0], 3), dtype=_eager._acc(cond), device=cond.device))  # <P, N>, |P|^2, |N|^2
+    # weights [1, s (1 + ns alpha), -s ns], alpha = <N, P> / |P|^2 (summed over the batch unless per_sample)
+    w = _guide_weights(st, "perp_neg" if per_sample else "perp_neg_batch", s, ns)
+    return _op["lincomb"]([empty, cond, uncond], w, [])
 
 
 def two_model_cfg(cond, uncond, ref_cond, ref_uncond, scale, model_scale):
@@ -730,17 +752,16 @@ def mahiro(cond, uncond, scale, *, per_sample=False):
         k = 2 (sim + 1);  out = (k g + (4 - k) scale cond) / 4 = scale cond + k (1 - scale) / 4 uncond
 
     ComfyUI averages sim over the whole batch (one k for every sample); `per_sample=True` takes each sample's
-    own. Two passes: the channel cosines (one fused reduction), then one lincomb; no host sync.
+    own. Two passes: the channel cosines (one fused reduction), then one lincomb, with the weights between them in
+    one small op (guide_weights); no host sync.
     """
     op = "mahiro"
     _check_pair(op, cond, uncond, "uncond")
     st, s = _scale(op, "scale", scale, cond)
-    sim = _op["mahiro_sim"](cond, uncond, st, s).to(_eager._acc(cond))
-    if not per_sample:
-        sim = sim.mean()
-    k = 2 * (sim + 1)
-    sv = _acc_scale(op, "scale", scale, cond)
-    return _lincomb(op, [uncond, cond], [sv + k * (1 - sv) / 4, sv])
+    sim = _op["mahiro_sim"](cond, uncond, st, s)  # [B], fp32 (fp64 for fp64 inputs)
+    # weights [s + k (1 - s) / 4, s] on [uncond, cond], k = 2 (sim + 1) (sim: the batch mean unless per_sample)
+    w = _guide_weights(sim, "mahiro" if per_sample else "mahiro_batch", (st, s))
+    return _op["lincomb"]([uncond, cond], w, [])
 
 
 def renorm_cfg(cond, uncond, scale, renorm, *, channels=None):
@@ -763,21 +784,24 @@ def renorm_cfg(cond, uncond, scale, renorm, *, channels=None):
         if channels < C:
             guided = renorm_cfg(cond[:, :channels], uncond[:, :channels], scale, renorm)
             return torch.cat([guided, cond[:, channels:].to(guided.dtype)], 1)
-    s = _acc_scale(op, "scale", scale, cond)
     if not renorm > 0:
-        return _lincomb(op, [uncond, cond], [1.0, s])
-    acc = _eager._acc(cond)
-    if acc == torch.float64:  # guidance_stats sums in fp32: fp64 inputs get fp64 sums
+        return _lincomb(op, [uncond, cond], [1.0, _acc_scale(op, "scale", scale, cond)])
+    # |g|^2 = (1 - s)^2 |u|^2 + 2 s (1 - s) <c, u> + s^2 |c|^2 (its rounding grows like (2s - 1)^2 eps for c ~ u);
+    # weights [f, f s], f = min(1, renorm |c| / |g|), in guide_weights (fp64 math)
+    w = _guide_weights(_gram_stats(cond, uncond), "renorm_cfg", _scale(op, "scale", scale, cond), param=float(renorm))
+    return _op["lincomb"]([uncond, cond], w, [])
+
+
+def _gram_stats(cond, uncond):
+    """[B, k >= 3] per sample <c, u>, |c|^2, |u|^2 (guidance_stats' first columns: one fused pass, fp32 sums);
+    float64 inputs get float64 sums. For guide_weights; the caller has checked the pair."""
+    if cond.dtype == torch.float64:
         c, u = cond.flatten(1), uncond.flatten(1)
-        cu, cc, uu = (c * u).sum(1), (c * c).sum(1), (u * u).sum(1)
-    else:
-        raw = guidance_stats(cond, uncond).raw
-        cu, cc, uu = raw[:, 0], raw[:, 1], raw[:, 2]
-    # |g|^2 = (1 - s)^2 |u|^2 + 2 s (1 - s) <c, u> + s^2 |c|^2 (its rounding grows like (2s - 1)^2 eps for c ~ u)
-    gg = ((1 - s) ** 2 * uu + 2 * s * (1 - s) * cu + s * s * cc).clamp_min(0)
-    ng, nmax = gg.sqrt(), float(renorm) * cc.sqrt()
-    f = torch.where((ng >= nmax) & (ng > 0), nmax / torch.where(ng > 0, ng, 1.0), 1.0)
-    return _lincomb(op, [uncond, cond], [f, f * s])
+        return torch.stack([(c * u).sum(1), (c * c).sum(1), (u * u).sum(1)], 1)
+    K = cond[0].numel()
+    if K == 0:
+        return torch.zeros((cond.shape[0], 3), dtype=torch.float32, device=cond.device)
+    return _op["guidance_stats"](cond, uncond, None, K)
 
 
 # --- CFG++ variants of ComfyUI's ancestral and second-order samplers (epsilon predictions, sigma space) ----

@@ -19,53 +19,53 @@ def _ssqrt(x):
 
 
 @triton.jit
-def _cfg_norm(c_ptr, u_ptr, out_ptr, s_ptr, s: tl.float64, s_stride, strength: tl.float64, C, S, nblocks,
-              HAS_T: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _positions(s_ptr, s, s_stride, S, nblocks, HAS_T: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's (flat id t, sample b, its BLOCK positions p, their mask, the sample's scale)."""
     t = tl.program_id(0).to(tl.int64)
     b = t // nblocks
     p = (t % nblocks) * BLOCK + tl.arange(0, BLOCK)
-    mask = p < S
     if HAS_T:
         sv = tl.load(s_ptr + b * s_stride).to(ACC)
     else:
         sv = scalar(s, ACC)
+    return t, b, p, p < S, sv
+
+
+@triton.jit
+def _channel(c_ptr, u_ptr, b, k, C, S, p, mask, sv, ACC: tl.constexpr):
+    """Channel k at positions p of sample b: (offsets, c, u, g = u + s (c - u)) in ACC."""
+    offs = (b * C + k) * S + p
+    cv = tl.load(c_ptr + offs, mask=mask, other=0.0).to(ACC)
+    uv = tl.load(u_ptr + offs, mask=mask, other=0.0).to(ACC)
+    return offs, cv, uv, uv + sv * (cv - uv)
+
+
+@triton.jit
+def _cfg_norm(c_ptr, u_ptr, out_ptr, s_ptr, s: tl.float64, s_stride, strength: tl.float64, C, S, nblocks,
+              HAS_T: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    t, b, p, mask, sv = _positions(s_ptr, s, s_stride, S, nblocks, HAS_T, ACC, BLOCK)
     cc = tl.zeros([BLOCK], ACC)
     gg = tl.zeros([BLOCK], ACC)
     for k in range(0, C):
-        offs = (b * C + k) * S + p
-        cv = tl.load(c_ptr + offs, mask=mask, other=0.0).to(ACC)
-        uv = tl.load(u_ptr + offs, mask=mask, other=0.0).to(ACC)
-        g = uv + sv * (cv - uv)
+        offs, cv, uv, g = _channel(c_ptr, u_ptr, b, k, C, S, p, mask, sv, ACC)
         cc += cv * cv
         gg += g * g
     f = tl.sqrt(cc) / (tl.sqrt(gg) + 1e-8)
     f = tl.where(f < 1.0, f, 1.0) * scalar(strength, ACC)
     for k in range(0, C):
-        offs = (b * C + k) * S + p
-        cv = tl.load(c_ptr + offs, mask=mask, other=0.0).to(ACC)
-        uv = tl.load(u_ptr + offs, mask=mask, other=0.0).to(ACC)
-        tl.store(out_ptr + offs, ((uv + sv * (cv - uv)) * f).to(out_ptr.dtype.element_ty), mask=mask)
+        offs, cv, uv, g = _channel(c_ptr, u_ptr, b, k, C, S, p, mask, sv, ACC)
+        tl.store(out_ptr + offs, (g * f).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _mahiro_part(c_ptr, u_ptr, part_ptr, s_ptr, s: tl.float64, s_stride, C, S, nblocks,
                  HAS_T: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
-    b = t // nblocks
-    p = (t % nblocks) * BLOCK + tl.arange(0, BLOCK)
-    mask = p < S
-    if HAS_T:
-        sv = tl.load(s_ptr + b * s_stride).to(ACC)
-    else:
-        sv = scalar(s, ACC)
+    t, b, p, mask, sv = _positions(s_ptr, s, s_stride, S, nblocks, HAS_T, ACC, BLOCK)
     dot = tl.zeros([BLOCK], ACC)
     aa = tl.zeros([BLOCK], ACC)
     mm = tl.zeros([BLOCK], ACC)
     for k in range(0, C):
-        offs = (b * C + k) * S + p
-        cv = tl.load(c_ptr + offs, mask=mask, other=0.0).to(ACC)
-        uv = tl.load(u_ptr + offs, mask=mask, other=0.0).to(ACC)
-        g = uv + sv * (cv - uv)
+        offs, cv, uv, g = _channel(c_ptr, u_ptr, b, k, C, S, p, mask, sv, ACC)
         a = _ssqrt(sv * uv)
         m = _ssqrt((sv * cv + g) / 2)
         dot += a * m
