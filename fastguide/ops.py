@@ -274,6 +274,16 @@ class _Op:
                     return self.op(*args)
                 if device is None:
                     device = a.device.type
+            elif t is list:  # lincomb's Tensor[] preds and float[] weights: the same checks per element
+                for x in a:
+                    tx = type(x)
+                    if tx is torch.Tensor:
+                        if grad and x.requires_grad:
+                            return self.op(*args)
+                        if device is None:
+                            device = x.device.type
+                    elif tx is not float:
+                        return self.op(*args)
             elif t not in _SCALARS:  # a tensor subclass (FakeTensor, Parameter, ...): the full dispatch
                 return self.op(*args)
         keys = _BACKEND_KEYS.get(device)
@@ -590,6 +600,14 @@ def _named(op, cond, **others):
 
 
 def _preds(op, preds):
+    if type(preds) in (list, tuple) and 1 <= len(preds) <= MAX_PREDS:  # hot path: one pass, no per-pair call
+        p0 = preds[0]
+        try:
+            if p0.dtype in DTYPES and p0.dim() >= 2 and all(
+                    p.shape == p0.shape and p.dtype == p0.dtype and p.device == p0.device for p in preds):
+                return list(preds)
+        except AttributeError:
+            pass
     if not isinstance(preds, (list, tuple)) or not 1 <= len(preds) <= MAX_PREDS:
         raise ValueError(f"fastguide.{op}: preds must be a list of 1 to {MAX_PREDS} tensors, "
                          f"got {type(preds).__name__}" + (f" of {len(preds)}" if isinstance(preds, (list, tuple)) else ""))
@@ -608,6 +626,9 @@ def _weights(op, weights, p0, K):
         if weights.device != p0.device:
             raise ValueError(f"fastguide.{op}: weights must be on the predictions' device {p0.device}, got {weights.device}")
         return weights, []
+    if (type(weights) in (list, tuple) and len(weights) == K and all(type(w) is float for w in weights)
+            and all(map(math.isfinite, weights)) and not torch.compiler.is_compiling()):
+        return None, list(weights)  # hot path: K finite floats (under torch.compile they become tensors below)
     if not isinstance(weights, (list, tuple)) or len(weights) != K:
         raise ValueError(f"fastguide.{op}: {K} weights expected (one per prediction), got {weights!r}")
     pairs = [_scale(op, f"weights[{k}]", w, p0) for k, w in enumerate(weights)]
