@@ -728,7 +728,7 @@ def perp_neg(cond, uncond, empty, scale, neg_scale, *, per_sample=False):
     op = "perp_neg"
     _named(op, cond, uncond=uncond, empty=empty)
     s, ns = _scale(op, "scale", scale, cond), _scale(op, "neg_scale", neg_scale, cond)
-    K = cond[0].numel()
+    K = math.prod(cond.shape[1:])  # (not cond[0].numel(): an aten::select per call)
     st = (_op["diff_stats"](empty, cond, uncond, K) if K
           else torch.zeros((cond.shape[0], 3), dtype=_eager._acc(cond), device=cond.device))  # <P, N>, |P|^2, |N|^2
     # weights [1, s (1 + ns alpha), -s ns], alpha = <N, P> / |P|^2 (summed over the batch unless per_sample)
@@ -819,7 +819,7 @@ def _gram_stats(cond, uncond):
     if cond.dtype == torch.float64:
         c, u = cond.flatten(1), uncond.flatten(1)
         return torch.stack([(c * u).sum(1), (c * c).sum(1), (u * u).sum(1)], 1)
-    K = cond[0].numel()
+    K = math.prod(cond.shape[1:])
     if K == 0:
         return torch.zeros((cond.shape[0], 3), dtype=torch.float32, device=cond.device)
     return _op["guidance_stats"](cond, uncond, None, K)
