@@ -11,7 +11,9 @@ untouched. Nothing in diffusers is edited. Each step's combine and its AG / inte
 from the method's `fastguide.diffusers` twin guider, driven through the guider protocol (set_state,
 prepare_inputs, forward): the same object and code as the modular route. For PAG the wrapper appends the conditional rows again to every
 batched input ([uncond, cond, cond]) and the chosen layers get `SwitchedPerturbation`s: identity attention (PAG; SEG: blurred queries) on
-the extra rows only during the calls of pipelines that asked for it.
+the extra rows only during the calls of pipelines that asked for it. Methods with an extra prompt branch (Perp-Neg's
+empty prompt, dual CFG's middle prompt) get [uncond, cond, extra] the same way, the extra rows carrying that
+prompt's embeddings (encoded per call by the pipeline's own text encoder(s)).
 
 Pipelines that call the denoiser once per branch (`cache_context("cond")`, then `("uncond")`, then their own
 combine and `scheduler.step`) get fastguide's guided prediction at `scheduler.step` instead of their combine
@@ -863,9 +865,10 @@ class _Guidance:
         """An extra prompt's [n, ...] embeddings as `rows` rows batched like `like`: each of the n repeated for the
         rows of its prompt (the pipeline's order: num_images_per_prompt consecutive rows per prompt)."""
         if value.shape[1:] != like.shape[1:] or rows % value.shape[0]:
-            raise ValueError(f"fastguide: {self.method.prompts[branch]}'s embeddings {list(value.shape)} do not fit the "
-                             f"denoiser's {list(like.shape)} ({rows} samples): same sequence length and width needed "
-                             f"(encode it like the prompt), one entry or one per prompt")
+            param = self.method.prompts[branch]
+            raise ValueError(f"fastguide: {param}'s embeddings {list(value.shape)} do not fit the denoiser's "
+                             f"{list(like.shape)} ({rows} samples): same sequence length and width needed (encode it "
+                             f"like the prompt), one entry or one per prompt")
         return value.to(like.device, like.dtype).repeat_interleave(rows // value.shape[0], 0)
 
     def _cfg_call(self, forward, bound):
@@ -1142,6 +1145,12 @@ def enable(pipe, guidance="cfg", *, adaptive=None, interval=None, linear_ag=None
     models={key: module}: the second models of a method whose branches come from another model
     (guidance="rlg": models={"ref": base_unet}; guidance="weak_model": models={"weak": early_unet}); each runs
     on the same (sliced) call arguments as the pipeline's denoiser, one forward per step.
+    Extra prompt branches (StableDiffusion / StableDiffusionXL pipelines and their img2img / inpaint variants):
+    guidance="perp_neg" (scale, neg_scale, per_sample, empty_prompt="") and guidance="dual_cfg" (scale,
+    middle_scale, nested, middle_prompt: required, ComfyUI DualCFGGuider's second condition) encode that prompt
+    with the pipeline's text encoder(s) at each call (a list: one per prompt; or its embeddings, SDXL (embeddings,
+    pooled)) and run [uncond, cond, extra] as one forward of 3B rows. On StableDiffusionInstructPix2PixPipeline
+    dual_cfg's middle is the image condition of its own [text, image, uncond] batch (no middle_prompt).
     batch_branches: pipelines that call the denoiser once per branch (Flux true CFG, QwenImage, Wan,
     HunyuanVideo) get both branches in one forward of 2B rows where the two calls' arguments allow it
     (`pipe.fastguide_report.branch_batched` counts those steps); False runs them as two calls, as stock.
