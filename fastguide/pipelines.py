@@ -11,7 +11,9 @@ untouched. Nothing in diffusers is edited. Each step's combine and its AG / inte
 from the method's `fastguide.diffusers` twin guider, driven through the guider protocol (set_state,
 prepare_inputs, forward): the same object and code as the modular route. For PAG the wrapper appends the conditional rows again to every
 batched input ([uncond, cond, cond]) and the chosen layers get `SwitchedPerturbation`s: identity attention (PAG; SEG: blurred queries) on
-the extra rows only during the calls of pipelines that asked for it.
+the extra rows only during the calls of pipelines that asked for it. Methods with an extra prompt branch (Perp-Neg's
+empty prompt, dual CFG's middle prompt) get [uncond, cond, extra] the same way, the extra rows carrying that
+prompt's embeddings (encoded per call by the pipeline's own text encoder(s)).
 
 Pipelines that call the denoiser once per branch (`cache_context("cond")`, then `("uncond")`, then their own
 combine and `scheduler.step`) get fastguide's guided prediction at `scheduler.step` instead of their combine
@@ -172,6 +174,25 @@ def _sd3_layout(state, bound):
 def _ip2p_layout(state, bound):
     """InstructPix2Pix: [text, image, uncond] (cond, middle, uncond) while its guidance is on."""
     return "ip2p" if state.pipe.do_classifier_free_guidance else None
+
+
+# The pipelines on which enable builds a method's extra prompt branches (dual CFG's middle, Perp-Neg's empty:
+# `Method.prompts`), by kind: their `encode_prompt` encodes the prompt, their UNet takes it as encoder_hidden_states
+# (SDXL: and its pooled embeddings as added_cond_kwargs["text_embeds"]).
+_PROMPT_PIPELINES = {
+    "sd": ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"),
+    "sdxl": ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")}
+
+
+def _prompt_kind(pipe, layout):
+    """"sd" / "sdxl" for a pipeline whose [uncond, cond] call enable extends by extra prompt rows, else None."""
+    if layout is not _cfg_layout:
+        return None
+    import diffusers as d
+    for kind, names in _PROMPT_PIPELINES.items():
+        if isinstance(pipe, tuple(getattr(d, n) for n in names if hasattr(d, n))):
+            return kind
+    return None
 
 
 # Scales a layout takes from the pipeline when the method's setting is None: name -> pipeline property.
@@ -444,6 +465,11 @@ class _Guidance:
         adaptive, interval, linear_ag = check_policy("fastguide.enable", adaptive, interval, linear_ag)
         self.pipe, self.layout, self.guidance = pipe, layout, guidance
         self.params = self.method.check_params(params, "fastguide.enable")
+        # Extra prompt branches (dual CFG's middle, Perp-Neg's empty): branch -> prompt or embeddings, checked here;
+        # begin() encodes them for each call (extra_embeds: branch -> (embeddings, SDXL's pooled or None)).
+        self.prompt_kind = _prompt_kind(pipe, layout)
+        self.extra_prompts = self._check_prompts(pipe, layout)
+        self.extra_embeds = {}
         policy = adaptive is not None or interval is not None or linear_ag is not None
         twin = self._twin()
         if policy and not (self.method.can_skip_uncond or twin is not None):
@@ -507,6 +533,54 @@ class _Guidance:
                                  f"second model (e.g. an earlier checkpoint, or the reference model)")
         return dict(given)
 
+    def _check_prompts(self, pipe, layout):
+        """enable's prompt parameters (`Method.prompts`: dual CFG's middle_prompt, Perp-Neg's empty_prompt) as
+        {branch: a str, a list of str (one per prompt) or embeddings}, checked before anything changes."""
+        m, name, where = self.method, type(pipe).__name__, "fastguide.enable"
+        given = {b: self.params[p] for b, p in m.prompts.items()}
+        if layout is _ip2p_layout:  # its middle branch is the image condition, in the pipeline's own batch
+            set_ = [m.prompts[b] for b, v in given.items() if v is not None]
+            if set_:
+                raise ValueError(f"{where}: {name}'s middle branch is its image condition; {set_[0]}= does not apply "
+                                 f"there (leave it unset)")
+            return {}
+        if not given:
+            return {}
+        if self.prompt_kind is None:
+            names = ", ".join(n for group in _PROMPT_PIPELINES.values() for n in group)
+            raise ValueError(f"{where}: guidance={m.name!r} needs the {' and '.join(repr(b) for b in given)} prompt "
+                             f"branch, which enable builds on {names} (and subclasses), not on {name}: run it with "
+                             f"fastguide.diffusers.MultiBranchGuidance(method={m.name!r}, ...) as the guider of a "
+                             f"modular pipeline (or of a pipeline that takes a guider), or call fastguide.ops directly")
+        sdxl = self.prompt_kind == "sdxl"
+        hint = ("(prompt_embeds [n, seq, dim], pooled_prompt_embeds [n, dim]), a tuple of two float tensors" if sdxl
+                else "a float tensor [n, seq, dim] like prompt_embeds")
+        for branch, value in given.items():
+            param = m.prompts[branch]
+            if value is None:
+                raise ValueError(f"{where}: guidance={m.name!r} on {name} needs {param}=..., the prompt of its "
+                                 f"{branch!r} branch ({methods.PROMPT_BRANCHES[branch]}): e.g. enable(pipe, "
+                                 f"guidance={m.name!r}, {param}='a photo'); a list gives one per prompt, or pass its "
+                                 f"embeddings, {hint}")
+            if isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+                encoder = ("tokenizer_2", "text_encoder_2") if sdxl else ("tokenizer", "text_encoder")
+                missing = [a for a in encoder if getattr(pipe, a, None) is None]
+                if missing:
+                    raise ValueError(f"{where}: guidance={m.name!r} encodes {param}={value!r} with the pipeline's text "
+                                     f"encoder, and {name} has {missing[0]}=None: build the pipeline with it, or pass "
+                                     f"{param}= as embeddings, {hint}")
+                continue
+            tensors = value if sdxl and isinstance(value, tuple) and len(value) == 2 else (value,)
+            if not (all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in tensors)
+                    and [t.dim() for t in tensors] == ([3, 2] if sdxl else [3])
+                    and tensors[0].shape[0] == tensors[-1].shape[0]):
+                got = (tuple(f"{type(t).__name__}{list(t.shape) if isinstance(t, torch.Tensor) else ''}" for t in value)
+                       if isinstance(value, (tuple, list)) else
+                       f"{type(value).__name__}{list(value.shape) if isinstance(value, torch.Tensor) else ''}")
+                raise ValueError(f"{where}: {param} must be a str, a non-empty list of str (one per prompt) or its "
+                                 f"embeddings on {name}, {hint}; got {got}")
+        return given
+
     def _twin(self):
         """The method's fastguide.diffusers guider class when enable can drive it: a cond / uncond guider with
         at most a `scale` that is a number (a schedule or a per-sample tensor scale goes through the registry
@@ -554,6 +628,7 @@ class _Guidance:
                 and self.call["num_inference_steps"] != self.linear_ag.num_inference_steps):
             raise ValueError(f"fastguide LinearAG: calibrated for {self.linear_ag.num_inference_steps} steps, the "
                              f"pipeline is called with num_inference_steps={self.call['num_inference_steps']}")
+        self.extra_embeds = self._encode_prompts() if self.extra_prompts else {}
         self.step, self.last_t, self.last, self.rows = -1, None, None, None
         self.pending = self.guided_out = None
         self.report = Report()
@@ -692,6 +767,8 @@ class _Guidance:
             return self._perturbed_call(forward, bound)
         if self.method.models:
             return self._models_call(forward, bound)
+        if self.extra_prompts:
+            return self._prompt_call(forward, bound)
         return self._cfg_call(forward, bound)
 
     def _models_call(self, forward, bound):
@@ -720,6 +797,79 @@ class _Guidance:
             _, parts = run(self.models[key], set(branches.values()))
             preds.update({branch: parts[prompt] for branch, prompt in branches.items()})
         return self._guided(out, preds["cond"], self._combine_preds(preds))
+
+    def _encode_prompts(self):
+        """This call's embeddings of the extra prompt branches, {branch: (embeddings [n, seq, dim], SDXL's pooled
+        [n, dim] or None)}: a prompt is encoded the way the pipeline encodes its own (its text encoder(s), the call's
+        clip_skip and LoRA scale), once per call and per pipeline (nothing is shared with other pipelines on the same
+        modules); n is 1 or the call's number of prompts. Checked against the call before the pipeline does any work."""
+        call, pipe, sdxl = self.call, self.pipe, self.prompt_kind == "sdxl"
+        prompt, given = call.get("prompt"), call.get("prompt_embeds")
+        n_call = (1 if isinstance(prompt, str) else len(prompt) if isinstance(prompt, list)
+                  else given.shape[0] if given is not None else None)
+        out = {}
+        for branch, value in self.extra_prompts.items():
+            param = self.method.prompts[branch]
+            if isinstance(value, torch.Tensor):
+                emb, pooled = value, None
+            elif isinstance(value, tuple):
+                emb, pooled = value
+            else:
+                lora = (call.get("cross_attention_kwargs") or {}).get("scale")
+                with torch.no_grad():
+                    enc = pipe.encode_prompt(prompt=[value] if isinstance(value, str) else list(value),
+                                             device=pipe._execution_device, num_images_per_prompt=1,
+                                             do_classifier_free_guidance=False, lora_scale=lora,
+                                             clip_skip=call.get("clip_skip"))
+                emb, pooled = enc[0], (enc[2] if sdxl else None)
+            if n_call is not None and emb.shape[0] not in (1, n_call):
+                raise ValueError(f"fastguide: {param} holds {emb.shape[0]} prompts, the call {n_call}: give one, or "
+                                 f"one per prompt")
+            for mine, theirs, what in ((emb, given, "prompt_embeds"), (pooled, call.get("pooled_prompt_embeds"),
+                                                                        "pooled_prompt_embeds")):
+                if mine is not None and theirs is not None and mine.shape[1:] != theirs.shape[1:]:
+                    raise ValueError(f"fastguide: {param}'s embeddings are {list(mine.shape)}, the call's {what} "
+                                     f"{list(theirs.shape)}: one denoiser batch needs the same sequence length and "
+                                     f"width (encode both with the same tokenizer length)")
+            out[branch] = (emb, pooled)
+        return out
+
+    def _prompt_call(self, forward, bound):
+        """Extra prompt branches (dual CFG's middle, Perp-Neg's empty): [uncond, cond] -> [uncond, cond, extra...],
+        one forward of (2 + k) B rows. Each extra part is the cond rows of every input batched like the latents
+        (latents, SDXL's time ids) with that prompt's embeddings as encoder_hidden_states (SDXL: its pooled
+        embeddings as added_cond_kwargs["text_embeds"])."""
+        args = bound.arguments
+        batch = args[next(iter(args))].shape[0]
+        half = batch // 2
+        hs = args["encoder_hidden_states"]
+        added = args.get("added_cond_kwargs")
+        branches = [b for b in self.method.branches if b in self.extra_embeds]
+        new = {k: _map_batched(v, batch, lambda t: torch.cat([t] + [t[half:]] * len(branches)))
+               for k, v in args.items()}
+        embs = [self._extra_rows(self.extra_embeds[b][0], hs, half, b) for b in branches]
+        new["encoder_hidden_states"] = torch.cat([hs] + embs)
+        if self.prompt_kind == "sdxl":
+            te = added["text_embeds"]
+            pooled = [self._extra_rows(self.extra_embeds[b][1], te, half, b) for b in branches]
+            new["added_cond_kwargs"] = {**new["added_cond_kwargs"], "text_embeds": torch.cat([te] + pooled)}
+        bound = _rebound(bound, new)
+        out = forward(*bound.args, **bound.kwargs)
+        pred = _prediction(out)
+        self.report.nfe += pred.shape[0]
+        uncond, cond, *extra = pred.split(half)
+        g = self._combine_preds({"cond": cond, "uncond": uncond, **dict(zip(branches, extra))})
+        return self._guided(out, cond, g)
+
+    def _extra_rows(self, value, like, rows, branch):
+        """An extra prompt's [n, ...] embeddings as `rows` rows batched like `like`: each of the n repeated for the
+        rows of its prompt (the pipeline's order: num_images_per_prompt consecutive rows per prompt)."""
+        if value.shape[1:] != like.shape[1:] or rows % value.shape[0]:
+            param = self.method.prompts[branch]
+            raise ValueError(f"fastguide: {param}'s embeddings {list(value.shape)} do not fit the denoiser's "
+                             f"{list(like.shape)} ({rows} samples): same sequence length and width needed (encode it "
+                             f"like the prompt), one entry or one per prompt")
+        return value.to(like.device, like.dtype).repeat_interleave(rows // value.shape[0], 0)
 
     def _cfg_call(self, forward, bound):
         """A [uncond, cond] call: the uncond rows of this step's guided samples only (all, some or none), the
@@ -995,6 +1145,12 @@ def enable(pipe, guidance="cfg", *, adaptive=None, interval=None, linear_ag=None
     models={key: module}: the second models of a method whose branches come from another model
     (guidance="rlg": models={"ref": base_unet}; guidance="weak_model": models={"weak": early_unet}); each runs
     on the same (sliced) call arguments as the pipeline's denoiser, one forward per step.
+    Extra prompt branches (StableDiffusion / StableDiffusionXL pipelines and their img2img / inpaint variants):
+    guidance="perp_neg" (scale, neg_scale, per_sample, empty_prompt="") and guidance="dual_cfg" (scale,
+    middle_scale, nested, middle_prompt: required, ComfyUI DualCFGGuider's second condition) encode that prompt
+    with the pipeline's text encoder(s) at each call (a list: one per prompt; or its embeddings, SDXL (embeddings,
+    pooled)) and run [uncond, cond, extra] as one forward of 3B rows. On StableDiffusionInstructPix2PixPipeline
+    dual_cfg's middle is the image condition of its own [text, image, uncond] batch (no middle_prompt).
     batch_branches: pipelines that call the denoiser once per branch (Flux true CFG, QwenImage, Wan,
     HunyuanVideo) get both branches in one forward of 2B rows where the two calls' arguments allow it
     (`pipe.fastguide_report.branch_batched` counts those steps); False runs them as two calls, as stock.
@@ -1041,6 +1197,10 @@ def enable(pipe, guidance="cfg", *, adaptive=None, interval=None, linear_ag=None
         make = state.method.perturbation
         state.perturbation = make(state.params) if make is not None else IdentityPAGProcessor(chunks=3)
     if group is not False:
+        if state.extra_prompts:
+            raise ValueError(f"fastguide.enable: parallel=... with guidance={guidance!r}'s extra prompt branch on a "
+                             f"classic pipeline is not supported yet; use fastguide.diffusers.MultiBranchGuidance with "
+                             f"fastguide.parallel.distribute")
         if layout is _pag_layout or "perturbed" in state.method.branches:
             raise ValueError("fastguide.enable: parallel=... with PAG on a classic pipeline is not supported (its "
                              "perturbed attention needs the whole [uncond, cond, perturbed] batch in one call); use "

@@ -149,7 +149,8 @@ def test_info_says_where_each_method_runs(capsys):
         for key in m.model_keys:
             assert f"second model ({key!r})" in route and f"models={{{key!r}: ...}}" in route, route
     route = {line.split()[0]: lines[k + 1] for k, line in enumerate(lines) if "[equals:" in line}
-    assert "needs the 'middle' prompt branch" in route["dual_cfg"] and "enable: yes" in route["cfg"]
+    assert "enable: yes with middle_prompt=... (the 'middle' prompt branch" in route["dual_cfg"]
+    assert "enable: yes with empty_prompt='' (default)" in route["perp_neg"] and "enable: yes" in route["cfg"]
 
 
 def test_quiet_hides_profiler_lines_and_warnings_and_sums_them_up(capfd):
