@@ -1105,8 +1105,11 @@ def _enable_guider(pipe, guidance, params, adaptive, interval, linear_ag, models
             usable = sorted(m.name for m in methods.METHODS.values() if m.guider_config is not None)
             raise ValueError(f"{where}: adaptive/interval/linear_ag need a twin guider; guidance={guidance!r} has none, "
                              f"use one of {usable}")
-        rest = {k: v for k, v in p.items() if k != "scale" and v != method.params[k]}
-        kw = {"guidance_scale": p["scale"]} if p.get("scale") is not None else {}
+        # a number `scale` becomes the guider's guidance_scale (a float in its config); a tensor one (per-sample)
+        # stays a combine parameter, which takes tensors
+        tensor_scale = isinstance(p.get("scale"), torch.Tensor)
+        rest = {k: v for k, v in p.items() if (k != "scale" or tensor_scale) and not _is_default(v, method.params[k])}
+        kw = {"guidance_scale": p["scale"]} if p.get("scale") is not None and not tensor_scale else {}
         guider = fgd.MultiBranchGuidance(method=guidance, params=rest, models=models, **kw)  # validates models
         return _install_guider(pipe, guider)
     if models is not None:
@@ -1115,6 +1118,10 @@ def _enable_guider(pipe, guidance, params, adaptive, interval, linear_ag, models
     if schedules:
         raise ValueError(f"{where}: per-step schedules ({schedules}) need the classic route; a guider's scales are "
                          f"numbers (its start/stop window limits the steps)")
+    tensors = sorted(k for k, v in p.items() if isinstance(v, torch.Tensor) and v.dim() > 0)
+    if tensors:
+        raise ValueError(f"{where}: guidance={guidance!r} runs as fastguide.diffusers.{method.twin} here, whose "
+                         f"config takes numbers: per-sample tensor parameters {tensors} cannot be honoured (pass floats)")
     if "perturbed" in method.branches:
         raise ValueError(f"{where}: guidance={guidance!r} needs the layers to perturb, which depend on the model: "
                          f"build fastguide.diffusers.{method.twin}(perturbed_guidance_config=...) and pass it as the "
@@ -1125,6 +1132,14 @@ def _enable_guider(pipe, guidance, params, adaptive, interval, linear_ag, models
         policy["scheduler"] = pipe.scheduler  # x0 estimates and sigmas come from the pipeline's noise schedule
     guider = getattr(fgd, method.twin)(**method.guider_config(p), **policy)  # validates before anything changes
     return _install_guider(pipe, guider)
+
+
+def _is_default(value, default):
+    """Whether a parameter still has the method's default. A tensor (a per-sample scale) never counts as one:
+    `==` on it is elementwise (ambiguous in an `if` for more than one element, a host sync for one)."""
+    if isinstance(value, torch.Tensor) or isinstance(default, torch.Tensor):
+        return value is default
+    return value == default
 
 
 def _install_guider(pipe, guider):
