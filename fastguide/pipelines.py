@@ -621,7 +621,11 @@ class _Guidance:
         c = self.pred_channels
         part = (lambda v: v[:, :c].contiguous() if v is not None else None) if c is not None else (lambda v: v)  # noqa: E731
         self.guider._sample = part(x) if x is not None and c is not None and x.shape[1] != c else x
-        pred = self.guider.forward(part(cond), part(uncond))["pred"]  # (not .pred: lost under torch.compile)
+        # ["pred"], not .pred: under a compiled denoiser (this runs inside its forward, so dynamo compiles the
+        # guider's forward as a frame of its own) dynamo hands back the GuiderOutput rebuilt from its dict entries
+        # only, without the dataclass attributes: `.pred` raises AttributeError (torch 2.13, diffusers 0.42;
+        # test_pipelines.test_works_with_torch_compile_of_the_denoiser runs this route).
+        pred = self.guider.forward(part(cond), part(uncond))["pred"]
         skip = self.guider._skip
         if skip is not None:
             self.report.ag_switch_step = list(skip.report.ag_switch_step)
