@@ -3,7 +3,10 @@
 Each formula is plain PyTorch on the saved inputs, so it runs on every device and torch.compile traces it
 (AOTAutograd puts it in the backward graph). Arithmetic as in the forward: fp32, fp64 for fp64 inputs (the
 frequency ops: the operators' dtype); the gradients come back in each input's dtype. Tensor scales
-(`scale_t`, `pag_scale_t`, `low_t`, `high_t`) get gradients too: summed to their shape (0-d or [B]).
+(`scale_t`, `pag_scale_t`, `low_t`, `high_t`) get gradients too: summed to their shape (0-d or [B]). Where a
+derivative does not exist (a clamp's ends, the norm of a zero vector) the formulas follow PyTorch's conventions
+(torch.clamp, torch.norm's 0 at 0); at 0, where autograd of the eager formula gives NaN, mahiro_sim's sign-sqrt
+has derivative 0 (_ssqrt_grad).
 
 `FORMULAS[name] = (setup_context, backward)`. An op with no entry (apg: its schema mutates the momentum
 buffer, which register_autograd refuses) gets an Autograd kernel that raises when a gradient is needed
