@@ -696,7 +696,11 @@ class _Guidance:
         c = self.pred_channels
         part = (lambda v: v[:, :c].contiguous() if v is not None else None) if c is not None else (lambda v: v)  # noqa: E731
         self.guider._sample = part(x) if x is not None and c is not None and x.shape[1] != c else x
-        pred = self.guider.forward(part(cond), part(uncond))["pred"]  # (not .pred: lost under torch.compile)
+        # ["pred"], not .pred: under a compiled denoiser (this runs inside its forward, so dynamo compiles the
+        # guider's forward as a frame of its own) dynamo hands back the GuiderOutput rebuilt from its dict entries
+        # only, without the dataclass attributes: `.pred` raises AttributeError (torch 2.13, diffusers 0.42;
+        # test_pipelines.test_works_with_torch_compile_of_the_denoiser runs this route).
+        pred = self.guider.forward(part(cond), part(uncond))["pred"]
         skip = self.guider._skip
         if skip is not None:
             self.report.ag_switch_step = list(skip.report.ag_switch_step)
@@ -1265,8 +1269,11 @@ def _enable_guider(pipe, guidance, params, adaptive, interval, linear_ag, models
             usable = sorted(m.name for m in methods.METHODS.values() if m.guider_config is not None)
             raise ValueError(f"{where}: adaptive/interval/linear_ag need a twin guider; guidance={guidance!r} has none, "
                              f"use one of {usable}")
-        rest = {k: v for k, v in p.items() if k != "scale" and v != method.params[k]}
-        kw = {"guidance_scale": p["scale"]} if p.get("scale") is not None else {}
+        # a number `scale` becomes the guider's guidance_scale (a float in its config); a tensor one (per-sample)
+        # stays a combine parameter, which takes tensors
+        tensor_scale = isinstance(p.get("scale"), torch.Tensor)
+        rest = {k: v for k, v in p.items() if (k != "scale" or tensor_scale) and not _is_default(v, method.params[k])}
+        kw = {"guidance_scale": p["scale"]} if p.get("scale") is not None and not tensor_scale else {}
         guider = fgd.MultiBranchGuidance(method=guidance, params=rest, models=models, **kw)  # validates models
         return _install_guider(pipe, guider)
     if models is not None:
@@ -1275,6 +1282,10 @@ def _enable_guider(pipe, guidance, params, adaptive, interval, linear_ag, models
     if schedules:
         raise ValueError(f"{where}: per-step schedules ({schedules}) need the classic route; a guider's scales are "
                          f"numbers (its start/stop window limits the steps)")
+    tensors = sorted(k for k, v in p.items() if isinstance(v, torch.Tensor) and v.dim() > 0)
+    if tensors:
+        raise ValueError(f"{where}: guidance={guidance!r} runs as fastguide.diffusers.{method.twin} here, whose "
+                         f"config takes numbers: per-sample tensor parameters {tensors} cannot be honoured (pass floats)")
     if "perturbed" in method.branches:
         raise ValueError(f"{where}: guidance={guidance!r} needs the layers to perturb, which depend on the model: "
                          f"build fastguide.diffusers.{method.twin}(perturbed_guidance_config=...) and pass it as the "
@@ -1285,6 +1296,14 @@ def _enable_guider(pipe, guidance, params, adaptive, interval, linear_ag, models
         policy["scheduler"] = pipe.scheduler  # x0 estimates and sigmas come from the pipeline's noise schedule
     guider = getattr(fgd, method.twin)(**method.guider_config(p), **policy)  # validates before anything changes
     return _install_guider(pipe, guider)
+
+
+def _is_default(value, default):
+    """Whether a parameter still has the method's default. A tensor (a per-sample scale) never counts as one:
+    `==` on it is elementwise (ambiguous in an `if` for more than one element, a host sync for one)."""
+    if isinstance(value, torch.Tensor) or isinstance(default, torch.Tensor):
+        return value is default
+    return value == default
 
 
 def _install_guider(pipe, guider):
