@@ -1,0 +1,200 @@
+"""`fastguide.enable(pipe, guidance="autoguidance")`: diffusers' AutoGuidance (CFG whose uncond pass skips layers,
+diffusers.hooks.layer_skip) in the pipeline's one [uncond, cond] forward, the layers skipped on the uncond rows
+only. Against a hand loop whose uncond pass runs under diffusers' own layer-skip hooks, on a tiny SD pipeline."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers.hooks import HookRegistry, LayerSkipConfig
+from diffusers.hooks.layer_skip import _apply_layer_skip_hook
+
+import fastguide
+import fastguide.diffusers as fd
+from fastguide import attention, methods
+from test_pipelines import STEPS, assert_close, inputs, make_sd, run
+
+SCALE = 5.0
+# The equalities run in float64, where the pipeline's one forward of 2B rows and the hand loop's two forwards of B rows
+# agree to rounding (in float32 the random-weight UNet amplifies the batch-size-dependent rounding to ~1e-4 relative).
+F64 = torch.float64
+MID = "mid_block.attentions.0.transformer_blocks"      # make_sd's UNet: one BasicTransformerBlock per stack
+UP = "up_blocks.1.attentions.{}.transformer_blocks"
+DOWN = "down_blocks.0.attentions.0.transformer_blocks"
+
+
+def hooks_loop(pipe, configs, pos, neg, latents, guided_steps=None):
+    """Euler sampling around the bare UNet: the uncond pass under diffusers' layer-skip hooks (`configs`, as
+    diffusers' AutoGuidance applies them in prepare_models), the cond pass plain, CFG. Sample i is guided at the
+    steps < guided_steps[i] (Adaptive Guidance's switch) and takes its cond prediction after."""
+    sch = pipe.scheduler
+    sch.set_timesteps(STEPS)
+    x = latents * sch.init_noise_sigma
+    guided_steps = guided_steps or [STEPS] * x.shape[0]
+    names = [f"AutoGuidance_{k}" for k in range(len(configs))]
+    with torch.no_grad():
+        for i, t in enumerate(sch.timesteps):
+            inp = sch.scale_model_input(x, t)
+            for name, config in zip(names, configs):
+                _apply_layer_skip_hook(pipe.unet, copy.copy(config), name=name)
+            try:
+                uncond = pipe.unet(inp, t, encoder_hidden_states=neg).sample
+            finally:
+                for name in names:
+                    HookRegistry.check_if_exists_or_initialize(pipe.unet).remove_hook(name, recurse=True)
+            cond = pipe.unet(inp, t, encoder_hidden_states=pos).sample
+            g = uncond + SCALE * (cond - uncond)
+            keep = torch.tensor([i < s for s in guided_steps])[:, None, None, None]
+            x = sch.step(torch.where(keep, g, cond), t, x).prev_sample
+    return x
+
+
+def make_sd64():
+    return make_sd().to(F64)
+
+
+def inputs64():
+    return {k: v.to(F64) for k, v in inputs("sd").items()}
+
+
+def run64(pipe, **kw):
+    with torch.no_grad():
+        return pipe(**{**inputs64(), **kw}, num_inference_steps=STEPS, guidance_scale=SCALE, output_type="latent",
+                    height=16, width=16).images
+
+
+def forwards(unet):
+    """Modules carrying an instance `forward` (a hook) and every attention processor's class: what disable restores."""
+    return ([n for n, m in unet.named_modules() if "forward" in m.__dict__],
+            {n: type(p).__name__ for n, p in unet.attn_processors.items()})
+
+
+SKIPS = [("block", ["mid", r"up_blocks\.1\.attentions\.1"], [LayerSkipConfig([0], fqn=MID), LayerSkipConfig([0], fqn=UP.format(1))]),
+         ("attention", ["down"], [LayerSkipConfig([0], fqn=DOWN, skip_ff=False)]),
+         ("ff", [1, 2], [LayerSkipConfig([0], fqn=UP.format(k), skip_attention=False) for k in (0, 1)])]
+
+
+@pytest.mark.parametrize("skip,layers,configs", SKIPS, ids=[s[0] for s in SKIPS])
+def test_equals_diffusers_layer_skip_hooks_and_disable_restores(skip, layers, configs):
+    """Per skip kind (whole block, self-attention, feed-forward; layers by name pattern or by block index in module
+    order: make_sd's blocks are down.0, up.1.0, up.1.1, mid): the enabled pipeline equals the hand loop with
+    diffusers' hooks on the uncond pass, in one forward of 2 rows per step; disable restores the UNet exactly."""
+    pipe = make_sd64()
+    before, stock = forwards(pipe.unet), run64(pipe)
+    fastguide.enable(pipe, guidance="autoguidance", layers=layers, skip=skip)
+    ours = run64(pipe)
+    assert pipe.fastguide_report.nfe == 2 * STEPS and pipe.fastguide_report.nfe_skipped == 0
+    assert (ours - stock).abs().max() > 1e-3  # the skipped layers change the result
+    fastguide.disable(pipe)
+    assert forwards(pipe.unet) == before
+    torch.testing.assert_close(run64(pipe), stock, rtol=0, atol=0)
+    kw = inputs64()
+    assert_close(ours, hooks_loop(pipe, configs, kw["prompt_embeds"], kw["negative_prompt_embeds"], kw["latents"]))
+
+
+def test_adaptive_guidance_skips_on_the_right_rows():
+    """AG drops uncond rows per sample: [uncond of the guided samples, cond of all]; the layers are skipped on exactly
+    those uncond rows. Two samples that switch at different steps, each equal to the hand loop with its own switch."""
+    pipe = make_sd64()
+    kw = inputs64()
+    pos = torch.cat([kw["prompt_embeds"], kw["negative_prompt_embeds"]])  # sample 1: cond close to uncond
+    neg = torch.cat([kw["negative_prompt_embeds"]] * 2)
+    latents = torch.cat([kw["latents"]] * 2)
+    fastguide.enable(pipe, guidance="autoguidance", adaptive=fastguide.AG(0.995, space="prediction"))
+    ours = run64(pipe, prompt_embeds=pos, negative_prompt_embeds=neg, latents=latents)
+    report = pipe.fastguide_report
+    guided = [s + 1 for s in report.ag_switch_step]  # the switch step is the last guided one
+    assert guided[0] != guided[1] and max(guided) < STEPS  # steps with one guided sample, then none
+    assert report.nfe == 2 * STEPS + sum(guided) and report.nfe_skipped == 2 * STEPS - sum(guided)
+    fastguide.disable(pipe)
+    assert_close(ours, hooks_loop(pipe, [LayerSkipConfig([0], fqn=MID)], pos, neg, latents, guided_steps=guided))
+
+
+def test_interval_and_dropout_zero():
+    """interval=: no uncond rows outside it (nothing skipped there); dropout=0 keeps every layer (diffusers' hooks
+    then return F.dropout(output, p=0)): plain CFG."""
+    pipe = make_sd()
+    fastguide.enable(pipe, guidance="cfg")
+    cfg = run(pipe, "sd", scale=SCALE)
+    fastguide.enable(pipe, guidance="autoguidance", dropout=0.0)
+    assert_close(run(pipe, "sd", scale=SCALE), cfg)
+    fastguide.enable(pipe, guidance="cfg", interval=(0.0, 1e-3))  # no step's sigma inside: no guidance
+    ref = run(pipe, "sd", scale=SCALE)
+    fastguide.enable(pipe, guidance="autoguidance", interval=(0.0, 1e-3))
+    assert_close(run(pipe, "sd", scale=SCALE), ref)
+    assert pipe.fastguide_report.nfe == STEPS and pipe.fastguide_report.nfe_skipped == STEPS
+
+
+def test_dropout_below_one_acts_on_the_chosen_rows_only():
+    """dropout < 1: the module runs on every row and F.dropout(p) (diffusers' hook, scaled by 1 / (1 - p)) acts on the
+    perturbed rows' output only; the other rows are the module's output. Same draw as F.dropout on those rows."""
+    torch.manual_seed(0)
+    ff = make_sd().unet.mid_block.attentions[0].transformer_blocks[0].ff
+    x = torch.randn(3, 5, 32)
+    skip = attention.LayerSkip(skip="ff", dropout=0.5)
+    undo = skip.switch(ff, lambda: skip)
+    try:
+        skip.rows = (0, 2, 3)
+        torch.manual_seed(1)
+        out = ff(x)
+    finally:
+        undo()
+    assert "forward" not in ff.__dict__
+    plain = ff(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(out, torch.cat([F.dropout(plain[:2], p=0.5), plain[2:]]), rtol=0, atol=0)
+    assert (out[:2] == 0).any() and torch.equal(out[2:], plain[2:])
+
+
+def test_shared_unet_isolation_and_pag_on_the_same_layers():
+    """A second pipeline on the same UNet runs stock while the first is enabled; PAG on one pipeline and
+    autoguidance skipping the self-attention of the same mid block on another keep their own perturbation."""
+    p1 = make_sd()
+    p2 = type(p1)(**p1.components, requires_safety_checker=False)
+    stock = run(p2, "sd")
+    fastguide.enable(p1, guidance="autoguidance", layers=["mid"], skip="attention")
+    alone_ag = run(p1, "sd")
+    torch.testing.assert_close(run(p2, "sd"), stock, rtol=0, atol=0)
+    fastguide.enable(p2, guidance="pag", layers=["mid"])
+    alone_pag = run(p2, "sd")
+    for _ in range(2):  # interleaved calls
+        torch.testing.assert_close(run(p1, "sd"), alone_ag, rtol=0, atol=0)
+        torch.testing.assert_close(run(p2, "sd"), alone_pag, rtol=0, atol=0)
+    fastguide.disable(p2)
+    fastguide.disable(p1)
+    assert forwards(p1.unet) == forwards(make_sd().unet)
+    torch.testing.assert_close(run(p2, "sd"), stock, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("settings,match", [
+    (dict(layers=["nope"]), "layer 'nope' matches no transformer block; available: down_blocks.0.attentions.0"),
+    (dict(layers=[7]), "layer index 7 out of range: 4 transformer blocks"),
+    (dict(dropout=1.5), r"dropout must be a float in \[0, 1\].*got 1.5"),
+    (dict(dropout=-0.1), r"dropout must be a float in \[0, 1\]"),
+    (dict(skip="attn"), r"skip must be one of \['attention', 'block', 'ff'\], got 'attn'"),
+])
+def test_bad_settings_raise_before_anything_changes(settings, match):
+    pipe = make_sd()
+    before = forwards(pipe.unet)
+    with pytest.raises(ValueError, match=match):
+        fastguide.enable(pipe, guidance="autoguidance", **settings)
+    assert not fastguide.pipelines.is_enabled(pipe) and forwards(pipe.unet) == before
+
+
+def test_registry_entry_and_twin_config():
+    """The entry perturbs its uncond rows (no extra branch: enable-ready, AG-capable); its guider config (pipelines
+    that take a guider) maps block indices to diffusers' LayerSkipConfig(fqn='auto'), refuses name patterns."""
+    m = fastguide.METHODS["autoguidance"]
+    assert m.perturbed_branch == "uncond" and m.enable_ready and m.can_skip_uncond
+    assert fastguide.METHODS["pag"].perturbed_branch == "perturbed" and fastguide.METHODS["cfg"].perturbed_branch is None
+    p = m.check_params({"scale": 3.0, "layers": [0, 2], "skip": "ff", "dropout": 0.5, "rescale": 0.25}, "test")
+    g = fd.AutoGuidance(**m.guider_config(p))
+    (config,) = g.auto_guidance_config
+    assert (config.indices, config.fqn, config.skip_attention, config.skip_ff, config.dropout) == ([0, 2], "auto",
+                                                                                                  False, True, 0.5)
+    assert g.guidance_scale == 3.0 and g.guidance_rescale == 0.25
+    with pytest.raises(ValueError, match="needs layers= as block indices"):
+        m.guider_config(m.check_params({}, "test"))
+    with pytest.raises(ValueError, match="perturbs the rows of 'middle'"):
+        methods.register(methods.Method(name="x_bad", summary="s", peer="p", params={}, combine=None,
+                                        perturbation=lambda p: None, perturbs="middle"))
