@@ -12,7 +12,7 @@ from diffusers.hooks.layer_skip import _apply_layer_skip_hook
 import fastguide
 import fastguide.diffusers as fd
 from fastguide import attention, methods
-from test_pipelines import STEPS, assert_close, inputs, make_sd, run
+from test_pipelines import STEPS, assert_close, inputs, make_sd, make_sd3, run
 
 SCALE = 5.0
 # The equalities run in float64, where the pipeline's one forward of 2B rows and the hand loop's two forwards of B rows
@@ -23,26 +23,33 @@ UP = "up_blocks.1.attentions.{}.transformer_blocks"
 DOWN = "down_blocks.0.attentions.0.transformer_blocks"
 
 
-def hooks_loop(pipe, configs, pos, neg, latents, guided_steps=None):
-    """Euler sampling around the bare UNet: the uncond pass under diffusers' layer-skip hooks (`configs`, as
+def hooks_loop(pipe, configs, pos, neg, latents, guided_steps=None, pooled=None):
+    """Euler sampling around the bare UNet (SD; with `pooled` = (negative, positive) pooled embeddings: SD3's
+    transformer, flow matching): the uncond pass under diffusers' layer-skip hooks (`configs`, as
     diffusers' AutoGuidance applies them in prepare_models), the cond pass plain, CFG. Sample i is guided at the
     steps < guided_steps[i] (Adaptive Guidance's switch) and takes its cond prediction after."""
     sch = pipe.scheduler
     sch.set_timesteps(STEPS)
-    x = latents * sch.init_noise_sigma
+    x = latents * (sch.init_noise_sigma if pooled is None else 1.0)
+    model = pipe.unet if pooled is None else pipe.transformer
+
+    def denoise(inp, t, emb, k):
+        if pooled is None:
+            return model(sch.scale_model_input(inp, t), t, encoder_hidden_states=emb).sample
+        return model(hidden_states=inp, timestep=t.expand(inp.shape[0]), encoder_hidden_states=emb,
+                     pooled_projections=pooled[k]).sample
     guided_steps = guided_steps or [STEPS] * x.shape[0]
     names = [f"AutoGuidance_{k}" for k in range(len(configs))]
     with torch.no_grad():
         for i, t in enumerate(sch.timesteps):
-            inp = sch.scale_model_input(x, t)
             for name, config in zip(names, configs):
-                _apply_layer_skip_hook(pipe.unet, copy.copy(config), name=name)
+                _apply_layer_skip_hook(model, copy.copy(config), name=name)
             try:
-                uncond = pipe.unet(inp, t, encoder_hidden_states=neg).sample
+                uncond = denoise(x, t, neg, 0)
             finally:
                 for name in names:
-                    HookRegistry.check_if_exists_or_initialize(pipe.unet).remove_hook(name, recurse=True)
-            cond = pipe.unet(inp, t, encoder_hidden_states=pos).sample
+                    HookRegistry.check_if_exists_or_initialize(model).remove_hook(name, recurse=True)
+            cond = denoise(x, t, pos, 1)
             g = uncond + SCALE * (cond - uncond)
             keep = torch.tensor([i < s for s in guided_steps])[:, None, None, None]
             x = sch.step(torch.where(keep, g, cond), t, x).prev_sample
@@ -198,3 +205,47 @@ def test_registry_entry_and_twin_config():
     with pytest.raises(ValueError, match="perturbs the rows of 'middle'"):
         methods.register(methods.Method(name="x_bad", summary="s", peer="p", params={}, combine=None,
                                         perturbation=lambda p: None, perturbs="middle"))
+
+
+def test_sd3_joint_blocks():
+    """SD3's JointTransformerBlocks (layers by index, as diffusers' fqn='auto' counts them): skip='ff' (its image and
+    context feed-forwards) equals diffusers' hooks; skip='block' returns the block's inputs in the block's own output
+    order (encoder, hidden) on the uncond rows, where diffusers 0.42's hook returns (hidden, encoder) and the next
+    block fails on the shapes; skip='attention' on joint attention is refused."""
+    pipe = make_sd3().to(F64)
+    kw = {k: v.to(F64) for k, v in inputs("sd3").items()}
+    fastguide.enable(pipe, guidance="autoguidance", layers=[0], skip="ff")
+    with torch.no_grad():
+        ours = pipe(**kw, num_inference_steps=STEPS, guidance_scale=SCALE, output_type="latent", height=16,
+                    width=16).images
+    assert pipe.fastguide_report.nfe == 2 * STEPS
+    fastguide.disable(pipe)
+    ref = hooks_loop(pipe, [LayerSkipConfig([0], fqn="auto", skip_attention=False)], kw["prompt_embeds"],
+                     kw["negative_prompt_embeds"], kw["latents"],
+                     pooled=(kw["negative_pooled_prompt_embeds"], kw["pooled_prompt_embeds"]))
+    assert_close(ours, ref)
+    fastguide.enable(pipe, guidance="autoguidance", layers=[0], skip="block")
+    with torch.no_grad():
+        assert torch.isfinite(pipe(**kw, num_inference_steps=STEPS, guidance_scale=SCALE, output_type="latent",
+                                   height=16, width=16).images).all()
+    with pytest.raises(ValueError, match="joint .* attention layer, is not supported: use skip='block' or 'ff'"):
+        fastguide.enable(pipe, guidance="autoguidance", layers=[0], skip="attention")
+
+
+def test_guider_route_installs_the_twin():
+    """A pipeline that takes a guider gets fastguide.diffusers.AutoGuidance with the entry's config (block indices);
+    name patterns are refused there, naming the fix, and nothing changes."""
+    pytest.importorskip("sklearn", reason="the lab needs scikit-learn")
+    from fastguide import lab
+    pipe = lab.pipeline()
+    before = pipe.guider
+    with pytest.raises(ValueError, match="needs layers= as block indices"):
+        fastguide.enable(pipe, guidance="autoguidance", layers=["mid"])
+    assert pipe.guider is before
+    fastguide.enable(pipe, guidance="autoguidance", layers=[1], dropout=0.5, scale=2.0)
+    try:
+        assert type(pipe.guider) is fd.AutoGuidance and pipe.guider.guidance_scale == 2.0
+        assert pipe.guider.auto_guidance_config[0].indices == [1] and pipe.guider.auto_guidance_config[0].dropout == 0.5
+    finally:
+        fastguide.disable(pipe)
+    assert pipe.guider is before
