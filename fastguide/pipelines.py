@@ -1004,7 +1004,9 @@ def enable(pipe, guidance="cfg", *, adaptive=None, interval=None, linear_ag=None
     guidance: "cfg" (scale, rescale, original), "apg" (scale, eta, norm_threshold, momentum, norm_dim,
     rescale, original), "pag" (scale, pag_scale, layers, rescale, original), "cfg_zero_star" (scale,
     zero_init_steps, rescale, original), "frequency" (scale_low, scale_high, method, cutoff, size, rescale,
-    original), "fdg" (scales, parallel_weights, rescale, original). A scale left as None follows the
+    original), "fdg" (scales, parallel_weights, rescale, original), "autoguidance" (scale, layers, skip, dropout,
+    rescale, original: diffusers' AutoGuidance, `layers` skipped on the uncond rows of the one forward; see
+    fastguide.attention.LayerSkip), and the rest of fastguide.METHODS. A scale left as None follows the
     pipeline call's guidance_scale; a callable `f(step, timestep)` is a per-step schedule (step: the index
     into num_inference_steps; both evaluations of a second-order step share it).
     adaptive=fastguide.AG(threshold): Adaptive Guidance, per sample. interval=(sigma_lo, sigma_hi):
