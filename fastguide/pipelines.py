@@ -1066,6 +1066,10 @@ def enable(pipe, guidance="cfg", *, adaptive=None, interval=None, linear_ag=None
         state.perturbation = make(state.params) if make is not None else IdentityPAGProcessor(chunks=3)
         kind = state.perturbation.kind
         state.pag_layers = frozenset((kind, name) for name in state.perturbation.layers(denoiser, state.params["layers"]))
+        if linear_ag is not None and state.method.perturbed_branch in ("cond", "uncond"):
+            raise ValueError(f"fastguide.enable: linear_ag with guidance={guidance!r}: LinearAG predicts the plain "
+                             f"model's uncond pass (calibrate_linear_ag runs CFG), this method's "
+                             f"{state.method.perturbed_branch} rows run the perturbed model; use adaptive= or interval=")
     if group is not False:
         if layout is _pag_layout or state.method.perturbed_branch is not None:
             raise ValueError(f"fastguide.enable: parallel=... with guidance={guidance!r} on a classic pipeline is not "

@@ -249,3 +249,17 @@ def test_guider_route_installs_the_twin():
     finally:
         fastguide.disable(pipe)
     assert pipe.guider is before
+
+
+def test_refused_where_the_uncond_rows_are_not_one_batch():
+    """Per-branch pipelines (Flux true CFG, ...) call the denoiser once per branch: refused, naming the pipelines
+    that work; linear_ag (calibrated on plain CFG's uncond pass) too. Nothing changes."""
+    from test_enable_branches import make_flux
+    from fastguide.pipelines import LinearAG
+    flux, _, _ = make_flux()
+    with pytest.raises(ValueError, match=r"perturbs the uncond rows .* FluxPipeline calls its denoiser once per branch"):
+        fastguide.enable(flux, guidance="autoguidance", layers=[0])
+    pipe = make_sd()
+    with pytest.raises(ValueError, match="linear_ag with guidance='autoguidance'"):
+        fastguide.enable(pipe, guidance="autoguidance", linear_ag=LinearAG({1: (1.0, 0.0, 0.0)}, STEPS))
+    assert not fastguide.pipelines.is_enabled(flux) and not fastguide.pipelines.is_enabled(pipe)
