@@ -55,10 +55,21 @@ class Method:
     # params -> the attention processor that makes the perturbed rows of a [uncond, cond, perturbed] batch on
     # the chosen `layers` (enable's route). None: identity attention (PAG). SEG: blurred queries.
     perturbation: Optional[Callable] = None
+    # The branch whose rows the perturbation acts on: "perturbed", an extra chunk of the batch ([uncond, cond,
+    # perturbed]: PAG, SEG), or a branch of the pipeline's own batch ("uncond": diffusers' AutoGuidance, whose
+    # uncond rows run the layer-skipped model in the one [uncond, cond] forward: no extra rows).
+    perturbs: str = "perturbed"
 
     @property
     def stateless(self):
         return self.new_state is None
+
+    @property
+    def perturbed_branch(self):
+        """The branch `enable` computes under the perturbation, or None (no perturbation)."""
+        if self.perturbs in self.branches and (self.perturbation is not None or self.perturbs == "perturbed"):
+            return self.perturbs
+        return None
 
     @property
     def can_skip_uncond(self):
@@ -123,6 +134,9 @@ def register(method):
             raise ValueError(f"{where}: prompt branch {branch!r} of {method.name!r} must be one of its branches and of "
                              f"{PROMPT_PARAM_BRANCHES}, and map to one of its parameters {sorted(method.params)}, "
                              f"got {param!r}")
+    if method.perturbation is not None and (method.perturbs not in method.branches or method.perturbs in method.models):
+        raise ValueError(f"{where}: {method.name!r} perturbs the rows of {method.perturbs!r}, which must be one of its "
+                         f"prompt branches {method.branches}")
     missing = [b for b in method.branches if b not in PROMPT_BRANCHES and b not in method.models]
     if missing or len(set(method.branches)) != len(method.branches):
         raise ValueError(f"{where}: unknown or repeated branches {missing or list(method.branches)} for "
@@ -398,6 +412,38 @@ register(Method(
     guider_config=lambda p: {"guidance_rescale": p["rescale"], "stg_scale": p["stg_scale"],
                              **({"guidance_scale": p["scale"]} if p["scale"] is not None else {})},
     combine=_ltx2))
+
+
+def _autoguidance_perturbation(p):
+    from .attention import LayerSkip
+    return LayerSkip(skip=p["skip"], dropout=p["dropout"])
+
+
+def _autoguidance_config(p):
+    """The twin's auto_guidance_config: `layers` as indices into the stack of transformer blocks diffusers finds
+    with fqn="auto" (DiTs). Name patterns ("mid", ...) need the model, which a guider's config does not have."""
+    from .attention import SKIPS
+    layers = [p["layers"]] if isinstance(p["layers"], (str, int)) else list(p["layers"])
+    if not layers or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+        raise ValueError(f"fastguide: guidance='autoguidance' in a pipeline that takes a guider needs layers= as block "
+                         f"indices (ints, the stack diffusers' LayerSkipConfig(fqn='auto') finds), got {p['layers']!r}; "
+                         f"for other layers build fastguide.diffusers.AutoGuidance(auto_guidance_config="
+                         f"LayerSkipConfig(indices, fqn=...)) and pass it as the pipeline's guider")
+    attention, ff = SKIPS[p["skip"]] if p["skip"] in SKIPS else (None, None)
+    if attention is None:
+        raise ValueError(f"fastguide: guidance='autoguidance': skip must be one of {sorted(SKIPS)}, got {p['skip']!r}")
+    return {**_twin_common(p), "auto_guidance_config": [{"indices": layers, "fqn": "auto", "skip_attention": attention,
+                                                         "skip_ff": ff, "dropout": p["dropout"]}]}
+
+
+register(Method(
+    name="autoguidance", summary="diffusers' AutoGuidance: CFG whose uncond rows skip `layers` (the 'bad model')",
+    peer="diffusers AutoGuidance (LayerSkipConfig on the uncond batch; dropout < 1: another random stream)",
+    twin="AutoGuidance", params={"scale": None, "layers": ("mid",), "skip": "block", "dropout": 1.0, **COMMON},
+    example={"layers": ("mid",), "skip": "block"}, perturbation=_autoguidance_perturbation, perturbs="uncond",
+    guider_config=_autoguidance_config,
+    combine=lambda x, p, state, step: ops.cfg(x["cond"], x["uncond"], p["scale"], rescale=p["rescale"],
+                                              original=p["original"])))
 
 
 # --- multi-branch methods (ComfyUI's guiders, two-model guidance) --------------------------------------

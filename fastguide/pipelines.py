@@ -44,7 +44,7 @@ from typing import Callable, Optional
 import torch
 
 from . import methods, ops
-from .attention import IdentityPAGProcessor, SwitchedPerturbation, select_layers
+from .attention import IdentityPAGProcessor
 
 
 @dataclass(frozen=True)
@@ -331,7 +331,7 @@ class _Hook:
         self.signature = inspect.signature(self.original)
         # Weak references: the module must not keep a dropped pipeline (its VAE, text encoders) alive.
         self.users = []
-        self.pag_saved = {}  # layer name -> the processor its SwitchedPerturbation replaced
+        self.pag_saved = {}  # (perturbation kind, layer name) -> the function that undoes its switch
 
         def forward(*args, **kwargs):
             state = _ACTIVE.get()
@@ -393,19 +393,23 @@ class _Hook:
                     self.module.cache_context = self.saved_cache_context
 
     def _sync_pag(self):
-        """Gated processors on exactly the layers some user perturbs; the others get their processor back."""
-        wanted = set().union(*(u.pag_layers for u in self.live_users()))
+        """Switched layers on exactly the layers some user perturbs, each switched the way its perturbation's kind
+        says (SwitchedPerturbation processors for PAG / SEG, wrapped forwards for autoguidance's layer skipping);
+        the others are put back."""
+        wanted = {}
+        for user in self.live_users():
+            for key in user.pag_layers:
+                wanted.setdefault(key, user.perturbation)
         modules = dict(self.module.named_modules())
-        for name in sorted(wanted - set(self.pag_saved)):
-            self.pag_saved[name] = modules[name].processor
-            modules[name].set_processor(SwitchedPerturbation(self._select(name), self.pag_saved[name]))
-        for name in sorted(set(self.pag_saved) - wanted):
-            modules[name].set_processor(self.pag_saved.pop(name))
+        for key in sorted(set(wanted) - set(self.pag_saved)):
+            self.pag_saved[key] = wanted[key].switch(modules[key[1]], self._select(key))
+        for key in sorted(set(self.pag_saved) - set(wanted), reverse=True):  # undo in the reverse order
+            self.pag_saved.pop(key)()
 
-    def _select(self, name):
+    def _select(self, key):
         def select():
             state = _ACTIVE.get()
-            if state is None or not state.uses(self) or name not in state.pag_layers:
+            if state is None or not state.uses(self) or key not in state.pag_layers:
                 return None
             return state.perturbation  # the running pipeline's: PAG's identity attention, SEG's blur, ...
         return select
@@ -586,8 +590,8 @@ class _Guidance:
         at most a `scale` that is a number (a schedule or a per-sample tensor scale goes through the registry
         combine, which takes them)."""
         m = self.method
-        if m.twin is None or m.guider_config is None or m.branches != ("cond", "uncond"):
-            return None
+        if m.twin is None or m.guider_config is None or m.branches != ("cond", "uncond") or m.perturbation is not None:
+            return None  # (a perturbation's layers are enable's own: the registry combine runs the step)
         if m.scale_params not in ((), ("scale",)):
             return None
         if m.scale_params and not (self.params["scale"] is None or isinstance(self.params["scale"], (int, float))):
@@ -884,14 +888,29 @@ class _Guidance:
         rows = self.rows
         if rows is not None:  # uncond rows still needed, then every cond row
             bound = _select_rows(bound, batch, rows + list(range(half, batch)))
-        out = forward(*bound.args, **bound.kwargs)
-        pred = _prediction(out)
         n = half if rows is None else len(rows)
+        with self._perturbing({"uncond": (0, n), "cond": (n, n + half)}.get(self.method.perturbed_branch), n + half):
+            out = forward(*bound.args, **bound.kwargs)
+        pred = _prediction(out)
         self.report.nfe += n + half
         self.report.nfe_skipped += half - n
         cond = pred[n:]
         g = self._run_guider(cond, pred[:n] if n else None, bound.arguments[sample_name][n:])
         return self._guided(out, cond, g)
+
+    @contextlib.contextmanager
+    def _perturbing(self, span, batch):
+        """While the denoiser call runs: the perturbation acts on its rows span = (start, stop) of `batch` (a
+        method perturbing a branch of the pipeline's own batch, autoguidance's uncond rows); none when span is
+        None."""
+        if span is None:
+            yield
+            return
+        self.perturbation.rows = (*span, batch)
+        try:
+            yield
+        finally:
+            self.perturbation.rows = None
 
     def _perturbed_call(self, forward, bound):
         """PAG: [uncond, cond] -> [uncond, cond, cond], every input batched like the latents gets its cond half
@@ -1139,7 +1158,9 @@ def enable(pipe, guidance="cfg", *, adaptive=None, interval=None, linear_ag=None
     guidance: "cfg" (scale, rescale, original), "apg" (scale, eta, norm_threshold, momentum, norm_dim,
     rescale, original), "pag" (scale, pag_scale, layers, rescale, original), "cfg_zero_star" (scale,
     zero_init_steps, rescale, original), "frequency" (scale_low, scale_high, method, cutoff, size, rescale,
-    original), "fdg" (scales, parallel_weights, rescale, original). A scale left as None follows the
+    original), "fdg" (scales, parallel_weights, rescale, original), "autoguidance" (scale, layers, skip, dropout,
+    rescale, original: diffusers' AutoGuidance, `layers` skipped on the uncond rows of the one forward; see
+    fastguide.attention.LayerSkip), and the rest of fastguide.METHODS. A scale left as None follows the
     pipeline call's guidance_scale; a callable `f(step, timestep)` is a per-step schedule (step: the index
     into num_inference_steps; both evaluations of a second-order step share it).
     adaptive=fastguide.AG(threshold): Adaptive Guidance, per sample. interval=(sigma_lo, sigma_hi):
@@ -1184,6 +1205,10 @@ def enable(pipe, guidance="cfg", *, adaptive=None, interval=None, linear_ag=None
             raise ValueError(f"fastguide.enable: guidance={guidance!r} needs a perturbed branch; {name} calls its "
                              f"denoiser once per branch (cond, uncond) and has none. Use a two-branch method: "
                              f"{sorted(m.name for m in methods.METHODS.values() if m.branches == ('cond', 'uncond'))}")
+        if state.method.perturbed_branch is not None:
+            raise ValueError(f"fastguide.enable: guidance={guidance!r} perturbs the {state.method.perturbed_branch} rows "
+                             f"of the batch; {name} calls its denoiser once per branch, which is not supported yet: "
+                             f"use a pipeline that batches [uncond, cond] (SD, SDXL, SD3, PixArt)")
         if state.method.models:
             raise ValueError(f"fastguide.enable: guidance={guidance!r} (a second model's branches) on {name}, which "
                              f"calls its denoiser once per branch, is not supported yet; use a pipeline that batches "
@@ -1196,19 +1221,24 @@ def enable(pipe, guidance="cfg", *, adaptive=None, interval=None, linear_ag=None
     if not isinstance(batch_branches, bool):
         raise TypeError(f"fastguide.enable: batch_branches must be True or False, got {batch_branches!r}")
     state.batch_branches = batch_branches
-    if "perturbed" in state.method.branches:  # validates the layer specs; nothing is changed yet
-        state.pag_layers = frozenset(select_layers(denoiser, list(state.params["layers"])))
+    if state.method.perturbed_branch is not None:  # validates the settings and layer specs; nothing is changed yet
         make = state.method.perturbation
         state.perturbation = make(state.params) if make is not None else IdentityPAGProcessor(chunks=3)
+        kind = state.perturbation.kind
+        state.pag_layers = frozenset((kind, name) for name in state.perturbation.layers(denoiser, state.params["layers"]))
+        if linear_ag is not None and state.method.perturbed_branch in ("cond", "uncond"):
+            raise ValueError(f"fastguide.enable: linear_ag with guidance={guidance!r}: LinearAG predicts the plain "
+                             f"model's uncond pass (calibrate_linear_ag runs CFG), this method's "
+                             f"{state.method.perturbed_branch} rows run the perturbed model; use adaptive= or interval=")
     if group is not False:
         if state.extra_prompts:
             raise ValueError(f"fastguide.enable: parallel=... with guidance={guidance!r}'s extra prompt branch on a "
                              f"classic pipeline is not supported yet; use fastguide.diffusers.MultiBranchGuidance with "
                              f"fastguide.parallel.distribute")
-        if layout is _pag_layout or "perturbed" in state.method.branches:
-            raise ValueError("fastguide.enable: parallel=... with PAG on a classic pipeline is not supported (its "
-                             "perturbed attention needs the whole [uncond, cond, perturbed] batch in one call); use "
-                             "fastguide.diffusers.PerturbedAttentionGuidance with fastguide.parallel.distribute")
+        if layout is _pag_layout or state.method.perturbed_branch is not None:
+            raise ValueError(f"fastguide.enable: parallel=... with guidance={guidance!r} on a classic pipeline is not "
+                             f"supported (its perturbed rows need the whole batch in one call); use its "
+                             f"fastguide.diffusers guider with fastguide.parallel.distribute")
         from .parallel import RowSplit
         state.parallel = RowSplit(group)
     config = getattr(denoiser, "config", None)

@@ -210,8 +210,9 @@ def test_bench_floor_bytes_of_the_new_methods(case, n):
 
 
 def test_every_registered_method_has_a_bench_case():
-    # methods whose combine is another case's op: frequency (fresca / frecas), weak_model (cfg's op), seg (pag's)
-    covered = {"frequency": "fresca", "weak_model": "cfg", "seg": "pag"}
+    # methods whose combine is another case's op: frequency (fresca / frecas), weak_model and autoguidance (cfg's op),
+    # seg (pag's)
+    covered = {"frequency": "fresca", "weak_model": "cfg", "seg": "pag", "autoguidance": "cfg"}
     from fastguide import methods
     assert set(NEW_CASES) <= set(bench.CASES)
     missing = [m for m in methods.METHODS if covered.get(m, m) not in bench.CASES]
