@@ -47,14 +47,20 @@ def info():
 
 def _route(m):
     """Where a registered method runs: `enable` on classic pipelines (`Method.enable_ready`: every branch comes
-    from the pipeline's own batch), or only as a guider (a middle / empty prompt, or a second model's branch)."""
+    from the pipeline's own batch, a second model passed as models=, or an extra prompt enable encodes), or only as
+    a guider."""
     models = f"models={{{', '.join(repr(k) + ': ...' for k in m.model_keys)}}}" if m.model_keys else ""
     guider = "fastguide.diffusers." + (m.twin or f"MultiBranchGuidance(method={m.name!r}{', ' + models if models else ''})")
     if m.enable_ready:
         second = f" with {models} (a second model ({', '.join(repr(k) for k in m.model_keys)}))" if models else ""
+        for branch, param in m.prompts.items():  # an extra prompt, encoded by the pipeline's text encoder(s)
+            given = f"{param}=..." if m.params[param] is None else f"{param}={m.params[param]!r} (default)"
+            ip2p = "; StableDiffusionInstructPix2PixPipeline: its image condition" if branch == "middle" else ""
+            second += (f" with {given} (the {branch!r} prompt branch, encoded by the pipeline's text encoder(s): "
+                       f"StableDiffusion / StableDiffusionXL pipelines{ip2p})")
         return f"enable: yes{second}; guider route: {guider}"
     from . import methods
-    need = sorted(set(m.branches) - set(methods.ENABLE_BRANCHES) - set(m.models))
+    need = sorted(set(m.branches) - set(methods.ENABLE_BRANCHES) - set(m.models) - set(m.prompts))
     where = " (enable: StableDiffusionInstructPix2PixPipeline's [text, image, uncond] batch)" if need == ["middle"] else ""
     return (f"enable: no, needs the {' and '.join(repr(b) for b in need)} prompt branch{'es' if len(need) > 1 else ''}"
             f"{where}; guider route only: {guider}")

@@ -3,7 +3,10 @@
 Each formula is plain PyTorch on the saved inputs, so it runs on every device and torch.compile traces it
 (AOTAutograd puts it in the backward graph). Arithmetic as in the forward: fp32, fp64 for fp64 inputs (the
 frequency ops: the operators' dtype); the gradients come back in each input's dtype. Tensor scales
-(`scale_t`, `pag_scale_t`, `low_t`, `high_t`) get gradients too: summed to their shape (0-d or [B]).
+(`scale_t`, `pag_scale_t`, `low_t`, `high_t`) get gradients too: summed to their shape (0-d or [B]). Where a
+derivative does not exist (a clamp's ends, the norm of a zero vector) the formulas follow PyTorch's conventions
+(torch.clamp, torch.norm's 0 at 0); at 0, where autograd of the eager formula gives NaN, mahiro_sim's sign-sqrt
+has derivative 0 (_ssqrt_grad).
 
 `FORMULAS[name] = (setup_context, backward)`. An op with no entry (apg: its schema mutates the momentum
 buffer, which register_autograd refuses) gets an Autograd kernel that raises when a gradient is needed
@@ -288,6 +291,110 @@ def _lincomb_backward(ctx, grad):
     return grads if grads is not None else [None] * ctx.k, gw, []
 
 
+# --- diff_stats (Perp-Neg's projection) ---------------------------------------------------------------
+def _diff_stats_setup(ctx, inputs, output):
+    base, a, b, group_size = inputs
+    ctx.save_for_backward(base, a, b)
+    ctx.group_size = group_size
+
+
+def _diff_stats_backward(ctx, grad):
+    """Columns <da, db>, |da|^2, |db|^2 per group, da = a - r, db = b - r:
+    d/da = G0 db + 2 G1 da,  d/db = G0 da + 2 G2 db,  d/dr = -(d/da + d/db)."""
+    base, a, b = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    K = ctx.group_size
+    if K == 0:  # an empty input: nothing to differentiate
+        return tuple(_cast(torch.zeros_like(x), x, n) for x, n in zip((base, a, b), need)) + (None,)
+    acc = _acc(base)
+    r = base.to(acc).reshape(-1, K)
+    da, db = a.to(acc).reshape(-1, K) - r, b.to(acc).reshape(-1, K) - r
+    G = grad.to(acc)
+    ga = G[:, 0, None] * db + 2.0 * G[:, 1, None] * da
+    gb = G[:, 0, None] * da + 2.0 * G[:, 2, None] * db
+    gr = -(ga + gb) if need[0] else None
+    return (_cast(gr.view(base.shape) if gr is not None else None, base, need[0]),
+            _cast(ga.view(a.shape), a, need[1]), _cast(gb.view(b.shape), b, need[2]), None)
+
+
+# --- cfg_norm, mahiro_sim (statistics along dim 1 at each position) -----------------------------------
+def _channel_setup(ctx, inputs, output):
+    cond, uncond, scale_t, scale = inputs[:4]
+    ctx.save_for_backward(cond, uncond, scale_t)
+    ctx.scale = scale
+    ctx.strength = inputs[4] if len(inputs) > 4 else None
+
+
+def _safe_div(x, y):
+    """x / y where y != 0, 0 elsewhere (no NaN from 0 / 0 in either branch)."""
+    return torch.where(y != 0, x / torch.where(y != 0, y, 1.0), 0.0)
+
+
+def _cfg_norm_backward(ctx, grad):
+    """out = strength f g per position, g = u + s (c - u), f = min(r, 1), r = |c| / (|g| + 1e-8), norms along dim 1.
+    Derivatives as PyTorch's autograd of that formula (the eager one and ComfyUI's): the clamp passes r's
+    gradient where r <= 1 (both ends included, like torch.clamp; r >= 0 always, so the node's clamp at 0 only
+    matters at |c| = 0, where d|c|/dc is taken as 0 like torch.norm's). With q = <G, g> along dim 1:
+        dL/dg = strength (f G - [r <= 1] q |c| / (|g| + 1e-8)^2 g / |g|),
+        dL/dc (through |c|) = strength [r <= 1] q / (|g| + 1e-8) c / |c|,
+    then dg/dc = s, dg/du = 1 - s, dg/ds = c - u (summed to the scale's shape)."""
+    cond, uncond, scale_t = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    acc = _acc(cond)
+    c, u, G = cond.to(acc), uncond.to(acc), grad.to(acc)
+    s = _per_sample(scale_t, ctx.scale, c)
+    g = u + s * (c - u)
+    nc, ng = c.norm(dim=1, keepdim=True), g.norm(dim=1, keepdim=True)
+    den = ng + 1e-8
+    r = nc / den
+    f = r.clamp(max=1.0)
+    st = ctx.strength
+    kr = torch.where(r <= 1.0, st * (G * g).sum(1, keepdim=True), 0.0)  # dL/dr
+    gg = (st * f) * G - _safe_div(kr * nc / (den * den), ng) * g
+    gc = s * gg + _safe_div(kr / den, nc) * c
+    gu = (1.0 - s) * gg
+    gs = _scale_grad(scale_t, gg * (c - u), need[2])
+    return _cast(gc, cond, need[0]), _cast(gu, uncond, need[1]), gs, None, None
+
+
+def _ssqrt_grad(x):
+    """d ssqrt(x) / dx = 1 / (2 sqrt|x|), ssqrt(x) = sign(x) sqrt(|x|). At x = 0 the derivative is infinite and
+    autograd of the eager formula (`x.abs().sqrt() * x.sign()`, ComfyUI's) gives NaN for that element (sqrt's
+    backward divides 0 by 0), a NaN that the scale's gradient sums into. Here it is 0 at x = 0: finite, and
+    the convention PyTorch takes for other derivatives that do not exist at 0 (torch.norm, torch.abs)."""
+    ax = x.abs()
+    return torch.where(ax > 0, 0.5 / torch.where(ax > 0, ax, 1.0).sqrt(), 0.0)
+
+
+def _mahiro_sim_backward(ctx, grad):
+    """sim_b = mean over positions of cos(a, m), a = ssqrt(s u), m = ssqrt((s c + g) / 2) = ssqrt(s c + (1 - s) u / 2),
+    cosines along dim 1 with each norm clamped at 1e-8 (_cos_grads: the clamp's derivative 0 below it)."""
+    cond, uncond, scale_t = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    acc = _acc(cond)
+    if cond.numel() == 0:  # sim is a constant 0
+        gs = _scale_grad(scale_t, torch.zeros((cond.shape[0], 1), dtype=acc, device=cond.device), need[2])
+        return (_cast(torch.zeros_like(cond), cond, need[0]), _cast(torch.zeros_like(uncond), uncond, need[1]),
+                gs, None)
+    c, u = cond.to(acc), uncond.to(acc)
+    C = c.shape[1]
+    S = c[0, 0].numel()
+    s = _per_sample(scale_t, ctx.scale, c)
+    xa, xm = s * u, (s * c + (u + s * (c - u))) / 2  # as the forward rounds them (its zeros are exact zeros)
+    a, m = xa.sign() * xa.abs().sqrt(), xm.sign() * xm.abs().sqrt()
+    # positions as rows of C channels: [B, C, S...] -> [B * S, C]
+    rows = lambda x: x.movedim(1, -1).reshape(-1, C)  # noqa: E731
+    back = lambda x: x.reshape(c.movedim(1, -1).shape).movedim(-1, 1)  # noqa: E731
+    ar, mr = rows(a), rows(m)
+    gcos = (grad.to(acc) / S).repeat_interleave(S)  # dL/dcos per position, positions of a sample together
+    ga, gm = _cos_grads(ar, mr, (ar * mr).sum(1), (ar * ar).sum(1), (mr * mr).sum(1), gcos)
+    ga, gm = back(ga) * _ssqrt_grad(xa), back(gm) * _ssqrt_grad(xm)  # dL/dxa, dL/dxm
+    gc = s * gm
+    gu = s * ga + (1.0 - s) * 0.5 * gm
+    gs = _scale_grad(scale_t, ga * u + gm * (c - 0.5 * u), need[2])
+    return _cast(gc, cond, need[0]), _cast(gu, uncond, need[1]), gs, None
+
+
 FORMULAS = {
     "lincomb": (_lincomb_setup, _lincomb_backward),
     "cfg": (_cfg_setup, _cfg_backward),
@@ -297,4 +404,7 @@ FORMULAS = {
     "frequency_cfg": (_frequency_cfg_setup, _frequency_cfg_backward),
     "frequency_split": (_frequency_split_setup, _frequency_split_backward),
     "cfgpp_step": (_cfgpp_setup, _cfgpp_backward),
+    "diff_stats": (_diff_stats_setup, _diff_stats_backward),
+    "cfg_norm": (_channel_setup, _cfg_norm_backward),
+    "mahiro_sim": (_channel_setup, _mahiro_sim_backward),
 }

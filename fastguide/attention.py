@@ -31,9 +31,24 @@ class IdentityPAGProcessor:
     diffusers' CFG+PAG pipelines; chunks=2: [cond, cond_perturbed]). Set `perturbed=0` to run plain attention.
     """
 
+    kind = "processor"  # how `fastguide.enable` switches it on a layer (see `switch`)
+
     def __init__(self, perturbed=None, chunks=3):
         self.perturbed = perturbed
         self.chunks = chunks
+
+    @staticmethod
+    def layers(model, specs):
+        """{name: module} of the layers of `model` this perturbation goes on: `select_layers`."""
+        return select_layers(model, [specs] if isinstance(specs, (str, int)) else list(specs))
+
+    @staticmethod
+    def switch(module, select):
+        """Put a SwitchedPerturbation(select, its processor) on the attention `module` (`fastguide.enable`, on a
+        denoiser several pipelines may share); returns the function that puts its processor back."""
+        saved = module.processor
+        module.set_processor(SwitchedPerturbation(select, saved))
+        return lambda: module.set_processor(saved)
 
     def _rows(self, batch):
         p = batch // self.chunks if self.perturbed is None else int(self.perturbed)
@@ -230,6 +245,26 @@ def self_attention_layers(model):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, Attention) and is_self(name, m)]
 
 
+def _pick(candidates, layers, what, where="fastguide.attention.apply_pag"):
+    """{name: module} of `candidates` ([(name, module)]) selected by `layers`: strings are regular expressions
+    searched in the names, ints index the list. Raises, listing the candidates, when a spec matches nothing."""
+    chosen = {}
+    for spec in layers:
+        if isinstance(spec, int) and not isinstance(spec, bool):
+            if not -len(candidates) <= spec < len(candidates):
+                raise ValueError(f"{where}: layer index {spec} out of range: {len(candidates)} {what}s")
+            hits = [candidates[spec]]
+        elif isinstance(spec, str):
+            hits = [(nm, m) for nm, m in candidates if re.search(spec, nm)]
+        else:
+            raise TypeError(f"{where}: layers must be str or int, got {spec!r}")
+        if not hits:
+            names = ", ".join(nm for nm, _ in candidates[:12]) + (" ..." if len(candidates) > 12 else "")
+            raise ValueError(f"{where}: layer {spec!r} matches no {what}; available: {names}")
+        chosen.update(hits)
+    return chosen
+
+
 def select_layers(model, layers):
     """{name: Attention} of the self-attention layers of `model` selected by `layers`: strings are regular
     expressions searched in module names (like diffusers' pag_applied_layers, e.g. "mid", "down_blocks.1",
@@ -240,23 +275,7 @@ def select_layers(model, layers):
     candidates = self_attention_layers(model)
     if not candidates:
         raise ValueError(f"fastguide.attention.apply_pag: {type(model).__name__} has no self-attention layers")
-    chosen = {}
-    for spec in layers:
-        if isinstance(spec, int) and not isinstance(spec, bool):
-            if not -len(candidates) <= spec < len(candidates):
-                raise ValueError(f"fastguide.attention.apply_pag: layer index {spec} out of range: "
-                                 f"{len(candidates)} self-attention layers")
-            hits = [candidates[spec]]
-        elif isinstance(spec, str):
-            hits = [(nm, m) for nm, m in candidates if re.search(spec, nm)]
-        else:
-            raise TypeError(f"fastguide.attention.apply_pag: layers must be str or int, got {spec!r}")
-        if not hits:
-            names = ", ".join(nm for nm, _ in candidates[:12]) + (" ..." if len(candidates) > 12 else "")
-            raise ValueError(f"fastguide.attention.apply_pag: layer {spec!r} matches no self-attention layer; "
-                             f"available: {names}")
-        chosen.update(hits)
-    return chosen
+    return _pick(candidates, layers, "self-attention layer")
 
 
 def apply_pag(model, layers, processor=None):
@@ -329,3 +348,163 @@ def remove_pag(model):
     for name, proc in saved.items():
         modules[name].set_processor(proc)
     model._fastguide_pag_saved = {}
+
+
+# --- diffusers' layer skipping (AutoGuidance), on some rows of the batch --------------------------------------
+_ABSENT = object()
+SKIPS = {"block": (True, True), "attention": (True, False), "ff": (False, True)}  # -> LayerSkipConfig's
+# (skip_attention, skip_ff)
+
+
+def transformer_blocks(model):
+    """[(name, block)] of the transformer blocks of a diffusers model, in module order: the modules whose class
+    diffusers' layer-skip hooks know (its TransformerBlockRegistry: BasicTransformerBlock -- inside the
+    `attentions` of SD / SDXL UNets and in PixArt --, JointTransformerBlock, Flux's, Wan's, ...)."""
+    from diffusers.hooks._helpers import TransformerBlockRegistry
+    TransformerBlockRegistry._register()
+    known = tuple(TransformerBlockRegistry._registry)
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, known)]
+
+
+class LayerSkip:
+    """diffusers' `LayerSkipConfig` (diffusers.hooks.layer_skip) on the rows [start, stop) of the batch only, the
+    other rows running the layers as they are: diffusers' AutoGuidance ("bad model" = layers skipped) on the
+    uncond rows of the pipeline's one [uncond, cond] forward (`fastguide.enable(pipe, guidance="autoguidance")`).
+
+    skip="block": the whole transformer block (skip_attention and skip_ff); "attention": its self-attention
+    modules (not the cross-attention); "ff": its feed-forward modules. Those rows, at dropout=1, get what
+    diffusers' TransformerBlockSkipHook / AttentionProcessorSkipHook / FeedForwardSkipHook return: the module's
+    input hidden_states; the module runs on the other rows only. At dropout < 1 the module runs on every row
+    and its output on those rows goes through F.dropout(p=dropout) (scaled by 1 / (1 - dropout), as diffusers'
+    hooks do on the whole batch): the same distribution, another random stream than diffusers' (which draws
+    its mask for the uncond batch alone). Block skipping at dropout < 1 also drops out the block's feed-forward
+    output, as diffusers' hooks do (it registers both).
+
+    Layers: `layers(model, specs)` picks transformer blocks (`transformer_blocks`) as `select_layers` picks
+    attention layers: strings are regular expressions searched in the block names ("mid", "down_blocks.1",
+    r"transformer_blocks\\.3\\b"), ints index the blocks in module order (on DiTs with one stack of blocks --
+    PixArt, SD3 -- diffusers' `auto_guidance_layers` indices)."""
+
+    kind = "forward"  # enable switches it by wrapping the modules' forward (see `switch`)
+
+    def __init__(self, skip="block", dropout=1.0):
+        where = "fastguide autoguidance"
+        if skip not in SKIPS:
+            raise ValueError(f"{where}: skip must be one of {sorted(SKIPS)}, got {skip!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"{where}: dropout must be a float in [0, 1] (1: the layers skipped, diffusers' "
+                             f"LayerSkipConfig), got {dropout!r}")
+        self.skip, self.dropout = skip, float(dropout)
+        self.rows = None  # (start, stop, batch) while a denoiser call perturbs rows [start, stop) of `batch`
+
+    def layers(self, model, specs):
+        """{name: module} of the modules to switch: the chosen blocks, or their self-attention / feed-forward
+        modules (and, for blocks at dropout < 1, their feed-forward modules too, as diffusers hooks them)."""
+        from diffusers.hooks._common import _ATTENTION_CLASSES, _FEEDFORWARD_CLASSES
+        where = "fastguide autoguidance"
+        specs = [specs] if isinstance(specs, (str, int)) else list(specs)
+        blocks = transformer_blocks(model)
+        if not blocks:
+            raise ValueError(f"{where}: {type(model).__name__} has no transformer blocks that diffusers' layer "
+                             f"skipping knows")
+        chosen = _pick(blocks, specs, "transformer block", where)
+        attention, ff = SKIPS[self.skip]
+        out = {}
+        for name, block in chosen.items():
+            if attention and ff:
+                out[name] = block
+            for sub, m in block.named_modules():
+                full = f"{name}.{sub}"
+                if attention and not ff and isinstance(m, _ATTENTION_CLASSES) and not m.is_cross_attention:
+                    if getattr(m, "add_q_proj", None) is not None:
+                        raise ValueError(f"{where}: skip='attention' on {full}, a joint (image + text) attention "
+                                         f"layer, is not supported: use skip='block' or 'ff'")
+                    out[full] = m
+                if ff and isinstance(m, _FEEDFORWARD_CLASSES) and (not attention or not self._whole):
+                    out[full] = m
+        return out
+
+    @property
+    def _whole(self):
+        return math.isclose(self.dropout, 1.0)  # diffusers' own test for "skipped" (not dropped out)
+
+    def switch(self, module, select):
+        """Wrap `module.forward` (an instance attribute, as diffusers' hooks do): while `select()` returns a
+        LayerSkip with rows set, those rows are skipped; otherwise the module runs as it is. Returns the undo
+        (which leaves a pass-through when someone wrapped the module after us)."""
+        from diffusers.hooks._common import _ATTENTION_CLASSES, _FEEDFORWARD_CLASSES
+        role = ("attention" if isinstance(module, _ATTENTION_CLASSES) else
+                "ff" if isinstance(module, _FEEDFORWARD_CLASSES) else "block")
+        saved = module.__dict__.get("forward", _ABSENT)
+        original = module.forward
+
+        def forward(*args, **kwargs):
+            skip = select()
+            if skip is None or skip.rows is None or skip.rows[0] == skip.rows[1]:
+                return original(*args, **kwargs)
+            return skip._forward(role, module, original, args, kwargs)
+
+        module.forward = forward
+
+        def undo():
+            if module.__dict__.get("forward") is forward:
+                if saved is _ABSENT:
+                    del module.forward
+                else:
+                    module.forward = saved
+        return undo
+
+    def _forward(self, role, module, original, args, kwargs):
+        start, stop, batch = self.rows
+        if role == "block":
+            from diffusers.hooks._helpers import TransformerBlockRegistry
+            meta = TransformerBlockRegistry.get(type(module))
+            hidden = meta._get_parameter_from_args_kwargs("hidden_states", args, kwargs)
+        else:
+            hidden = kwargs.get("hidden_states", kwargs.get("x", args[0] if args else None))
+        if hidden.shape[0] != batch:
+            raise RuntimeError(f"fastguide autoguidance: a skipped layer ({type(module).__name__}) got a batch of "
+                               f"{hidden.shape[0]} rows, the denoiser call has {batch}; skipping per row needs "
+                               f"the layer's batch to be the denoiser's")
+        if not self._whole:
+            out = original(*args, **kwargs)
+            return _map_rows(out, lambda t: torch.cat([t[:start], F.dropout(t[start:stop], p=self.dropout), t[stop:]]))
+        # Skipped rows: the module's input (diffusers' skip hooks at dropout 1); the module runs on the others.
+        keep = torch.cat([torch.arange(start), torch.arange(stop, batch)]).to(hidden.device)
+        if len(keep):
+            take = lambda v: _batched(v, batch, lambda t: t.index_select(0, keep.to(t.device)))  # noqa: E731
+            out = original(*(take(a) for a in args), **{k: take(v) for k, v in kwargs.items()})
+        if role == "block" and meta.return_encoder_hidden_states_index is not None:
+            inputs = {meta.return_hidden_states_index: hidden,
+                      meta.return_encoder_hidden_states_index:
+                          meta._get_parameter_from_args_kwargs("encoder_hidden_states", args, kwargs)}
+            skipped = tuple(inputs[i] for i in range(len(inputs)))
+        else:
+            skipped = hidden
+        if not len(keep):
+            return skipped
+        return _merge_rows(out, skipped, start, stop)
+
+
+def _batched(value, batch, fn):
+    """fn on every tensor whose dim 0 is the batch, inside dicts / lists too."""
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: _batched(v, batch, fn) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) and not isinstance(value, str):
+        return type(value)(_batched(v, batch, fn) for v in value)
+    return value
+
+
+def _map_rows(out, fn):
+    return tuple(_map_rows(o, fn) for o in out) if isinstance(out, tuple) else fn(out) if out is not None else None
+
+
+def _merge_rows(out, skipped, start, stop):
+    """The output of the kept rows (all but [start, stop)) with the skipped rows' `skipped` in between."""
+    if isinstance(out, tuple):
+        return tuple(_merge_rows(o, s, start, stop) for o, s in zip(out, skipped))
+    if out is None:
+        return None
+    return torch.cat([out[:start], skipped[start:stop].to(out.dtype), out[start:]])

@@ -56,20 +56,21 @@ class _ClassifierGuider(ClassifierFreeGuidance):
 
     _needs_sample = True
 
-    def _setup(self, classifier, where):
+    def _init_classifier_guider(self, where, classifier, scheduler, **cfg):
+        """What every constructor does after checking its own parameters: the classifier (a callable or None) and
+        the scheduler (required) checked before the CFG guider's __init__ (`cfg`: its arguments), then epsilon
+        models only (read from the schedule that __init__ builds)."""
         if classifier is not None and not callable(classifier):
             raise TypeError(f"{where}: classifier must be a callable (x, t) -> logits, got {type(classifier).__name__}")
+        if scheduler is None:
+            raise ValueError(f"{where}: pass scheduler=pipe.scheduler (the guider maps timesteps to noise levels)")
+        super().__init__(scheduler=scheduler, **cfg)
         if self._schedule.flow or self._schedule.prediction_type != "epsilon":
             raise ValueError(f"{where}: epsilon-prediction models only; the scheduler says "
                              f"{'flow matching' if self._schedule.flow else self._schedule.prediction_type}")
         self.classifier = classifier
         self.target = None
         self._labels = None
-
-    @staticmethod
-    def _need_scheduler(where, scheduler):
-        if scheduler is None:
-            raise ValueError(f"{where}: pass scheduler=pipe.scheduler (the guider maps timesteps to noise levels)")
 
     def prepare_inputs(self, data):
         labels = data.get("class_labels") if isinstance(data, dict) else None
@@ -137,13 +138,9 @@ class ClassifierGuidance(_ClassifierGuider):
                              f"marginal {marginal_temperature!r}")
         if classifier_input not in ("x_t", "x0"):
             raise ValueError(f"{where}: classifier_input must be 'x_t' or 'x0', got {classifier_input!r}")
-        if classifier is not None and not callable(classifier):
-            raise TypeError(f"{where}: classifier must be a callable (x, t) -> logits, got {type(classifier).__name__}")
-        self._need_scheduler(where, scheduler)
-        super().__init__(guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-                         use_original_formulation=use_original_formulation, start=start, stop=stop, enabled=enabled,
-                         scheduler=scheduler)
-        self._setup(classifier, where)
+        self._init_classifier_guider(where, classifier, scheduler, guidance_scale=guidance_scale,
+                                     guidance_rescale=guidance_rescale, start=start, stop=stop, enabled=enabled,
+                                     use_original_formulation=use_original_formulation)
         self.classifier_scale, self.joint_temperature = float(classifier_scale), float(joint_temperature)
         self.marginal_temperature, self.gamma, self.classifier_input = float(marginal_temperature), float(gamma), classifier_input
         self.register_to_config(classifier_scale=self.classifier_scale, joint_temperature=self.joint_temperature,
@@ -268,13 +265,9 @@ class GradientFreeClassifierGuidance(_ClassifierGuider):
         _finite(where, gfcg_scale=gfcg_scale)
         if gfcg_scale < 0:
             raise ValueError(f"{where}: gfcg_scale must be >= 0, got {gfcg_scale!r}")
-        if classifier is not None and not callable(classifier):
-            raise TypeError(f"{where}: classifier must be a callable (x, t) -> logits, got {type(classifier).__name__}")
-        self._need_scheduler(where, scheduler)
-        super().__init__(guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-                         use_original_formulation=use_original_formulation, start=start, stop=stop, enabled=enabled,
-                         scheduler=scheduler)
-        self._setup(classifier, where)
+        self._init_classifier_guider(where, classifier, scheduler, guidance_scale=guidance_scale,
+                                     guidance_rescale=guidance_rescale, start=start, stop=stop, enabled=enabled,
+                                     use_original_formulation=use_original_formulation)
         self.gfcg_scale = float(gfcg_scale)
         self._ref, self._w, self.history, self._count_ref = None, None, [], 0
         self.register_to_config(gfcg_scale=self.gfcg_scale)
@@ -395,13 +388,9 @@ class DynamicCFG(_ClassifierGuider):
         _finite(where, threshold=threshold)
         if evaluator is not None and not callable(evaluator):
             raise TypeError(f"{where}: evaluator must be a callable (x0, t, y) -> scores, got {type(evaluator).__name__}")
-        if classifier is not None and not callable(classifier):
-            raise TypeError(f"{where}: classifier must be a callable (x, t) -> logits, got {type(classifier).__name__}")
-        self._need_scheduler(where, scheduler)
         # CFG is on (both branches run) unless every candidate is 1; guidance_scale is the largest candidate
-        super().__init__(guidance_scale=max(scales, key=lambda s: abs(s - 1.0)), guidance_rescale=guidance_rescale,
-                         start=start, stop=stop, enabled=enabled, scheduler=scheduler)
-        self._setup(classifier, where)
+        self._init_classifier_guider(where, classifier, scheduler, guidance_rescale=guidance_rescale, start=start,
+                                     stop=stop, enabled=enabled, guidance_scale=max(scales, key=lambda s: abs(s - 1.0)))
         self.scales, self.threshold, self.evaluator = scales, float(threshold), evaluator
         self.history = []
         self.register_to_config(scales=scales, threshold=self.threshold)

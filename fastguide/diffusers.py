@@ -829,6 +829,12 @@ class MultiBranchGuidance(BaseGuidance):
         if "perturbed" in self.method.branches:
             raise ValueError(f"{where}: guidance={method!r} perturbs attention layers: use PerturbedAttentionGuidance")
         self.params = self.method.check_params(dict(params or {}), where)
+        for param in self.method.prompts.values():  # enable's: here the pipeline's data tuples carry the branch
+            value, default = self.params[param], self.method.params[param]
+            if not (value is default or (isinstance(value, str) and value == default)):
+                raise ValueError(f"{where}: {param}= is for fastguide.enable on StableDiffusion / StableDiffusionXL "
+                                 f"pipelines; in the guider route the pipeline passes the branch's inputs as entry 2 "
+                                 f"of its data tuples (leave {param} unset)")
         self.guidance_scale = guidance_scale
         self._input_predictions = [f"pred_{b}" for b in self.method.branches]
         self.models = {}

@@ -40,6 +40,10 @@ class Method:
     # Branches computed by another model than the pipeline's: branch -> (model key, the prompt batch it runs on,
     # "cond" or "uncond"). The user supplies one model per key (the guider's `models=` in the guider route).
     models: Mapping[str, Tuple[str, str]] = field(default_factory=dict)
+    # Extra prompt branches enable builds on SD / SDXL pipelines: branch -> the parameter holding its prompt (a str,
+    # a list of one per prompt, or its embeddings), encoded by the pipeline's own text encoder(s) each call and run
+    # as extra rows of the one denoiser forward (dual CFG's middle_prompt, Perp-Neg's empty_prompt "").
+    prompts: Mapping[str, str] = field(default_factory=dict)
     new_state: Optional[Callable] = None        # params -> per-trajectory state (reset at step 0)
     reset_state: Optional[Callable] = None      # state -> None, at the start of a new trajectory
     twin: Optional[str] = None                  # class name in fastguide.diffusers
@@ -51,10 +55,21 @@ class Method:
     # params -> the attention processor that makes the perturbed rows of a [uncond, cond, perturbed] batch on
     # the chosen `layers` (enable's route). None: identity attention (PAG). SEG: blurred queries.
     perturbation: Optional[Callable] = None
+    # The branch whose rows the perturbation acts on: "perturbed", an extra chunk of the batch ([uncond, cond,
+    # perturbed]: PAG, SEG), or a branch of the pipeline's own batch ("uncond": diffusers' AutoGuidance, whose
+    # uncond rows run the layer-skipped model in the one [uncond, cond] forward: no extra rows).
+    perturbs: str = "perturbed"
 
     @property
     def stateless(self):
         return self.new_state is None
+
+    @property
+    def perturbed_branch(self):
+        """The branch `enable` computes under the perturbation, or None (no perturbation)."""
+        if self.perturbs in self.branches and (self.perturbation is not None or self.perturbs == "perturbed"):
+            return self.perturbs
+        return None
 
     @property
     def can_skip_uncond(self):
@@ -70,10 +85,12 @@ class Method:
     @property
     def enable_ready(self):
         """Whether `fastguide.enable` on a classic pipeline builds every branch: from the pipeline's own batch
-        (cond, uncond, perturbed) or, for a second model's branches, from the models passed as
-        `enable(..., models={key: module})`. Methods with a middle / empty prompt need the guider route
-        (`fastguide.diffusers.MultiBranchGuidance`) or their own loop."""
-        return all(b in ENABLE_BRANCHES or b in self.models for b in self.branches)
+        (cond, uncond, perturbed), for a second model's branches from the models passed as
+        `enable(..., models={key: module})`, and for an extra prompt branch (`prompts`: dual CFG's middle, Perp-Neg's
+        empty) by encoding the method's prompt parameter with the pipeline's text encoder(s) (StableDiffusion and
+        StableDiffusionXL pipelines; InstructPix2Pix's middle is its image condition). Other pipelines run the
+        prompt-branch methods through `fastguide.diffusers.MultiBranchGuidance`."""
+        return all(b in ENABLE_BRANCHES or b in self.models or b in self.prompts for b in self.branches)
 
     def check_params(self, given, where):
         """{name: value} with defaults filled in; unknown names raise, listing the known ones."""
@@ -95,7 +112,8 @@ PROMPT_BRANCHES = {
     "middle": "a second condition between cond and uncond (dual CFG; InstructPix2Pix: the image-only condition)",
     "empty": "the empty prompt, next to a negative prompt (Perp-Neg)",
 }
-ENABLE_BRANCHES = ("cond", "uncond", "perturbed")  # what fastguide.enable builds on classic pipelines today
+ENABLE_BRANCHES = ("cond", "uncond", "perturbed")  # what fastguide.enable builds from a classic pipeline's own batch
+PROMPT_PARAM_BRANCHES = ("middle", "empty")         # built by enable from a method's prompt parameter (`prompts`)
 MODEL_BRANCH_INPUTS = ("cond", "uncond")            # the prompt batches a second model can run on
 
 
@@ -111,6 +129,14 @@ def register(method):
                 or spec[1] not in MODEL_BRANCH_INPUTS):
             raise ValueError(f"{where}: model branch {branch!r} of {method.name!r} must map to (model key, one of "
                              f"{MODEL_BRANCH_INPUTS}), got {spec!r}")
+    for branch, param in method.prompts.items():
+        if branch not in PROMPT_PARAM_BRANCHES or branch not in method.branches or param not in method.params:
+            raise ValueError(f"{where}: prompt branch {branch!r} of {method.name!r} must be one of its branches and of "
+                             f"{PROMPT_PARAM_BRANCHES}, and map to one of its parameters {sorted(method.params)}, "
+                             f"got {param!r}")
+    if method.perturbation is not None and (method.perturbs not in method.branches or method.perturbs in method.models):
+        raise ValueError(f"{where}: {method.name!r} perturbs the rows of {method.perturbs!r}, which must be one of its "
+                         f"prompt branches {method.branches}")
     missing = [b for b in method.branches if b not in PROMPT_BRANCHES and b not in method.models]
     if missing or len(set(method.branches)) != len(method.branches):
         raise ValueError(f"{where}: unknown or repeated branches {missing or list(method.branches)} for "
@@ -364,6 +390,38 @@ register(Method(
     combine=_ltx2))
 
 
+def _autoguidance_perturbation(p):
+    from .attention import LayerSkip
+    return LayerSkip(skip=p["skip"], dropout=p["dropout"])
+
+
+def _autoguidance_config(p):
+    """The twin's auto_guidance_config: `layers` as indices into the stack of transformer blocks diffusers finds
+    with fqn="auto" (DiTs). Name patterns ("mid", ...) need the model, which a guider's config does not have."""
+    from .attention import SKIPS
+    layers = [p["layers"]] if isinstance(p["layers"], (str, int)) else list(p["layers"])
+    if not layers or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+        raise ValueError(f"fastguide: guidance='autoguidance' in a pipeline that takes a guider needs layers= as block "
+                         f"indices (ints, the stack diffusers' LayerSkipConfig(fqn='auto') finds), got {p['layers']!r}; "
+                         f"for other layers build fastguide.diffusers.AutoGuidance(auto_guidance_config="
+                         f"LayerSkipConfig(indices, fqn=...)) and pass it as the pipeline's guider")
+    attention, ff = SKIPS[p["skip"]] if p["skip"] in SKIPS else (None, None)
+    if attention is None:
+        raise ValueError(f"fastguide: guidance='autoguidance': skip must be one of {sorted(SKIPS)}, got {p['skip']!r}")
+    return {**_twin_common(p), "auto_guidance_config": [{"indices": layers, "fqn": "auto", "skip_attention": attention,
+                                                         "skip_ff": ff, "dropout": p["dropout"]}]}
+
+
+register(Method(
+    name="autoguidance", summary="diffusers' AutoGuidance: CFG whose uncond rows skip `layers` (the 'bad model')",
+    peer="diffusers AutoGuidance (LayerSkipConfig on the uncond batch; dropout < 1: another random stream)",
+    twin="AutoGuidance", params={"scale": None, "layers": ("mid",), "skip": "block", "dropout": 1.0, **COMMON},
+    example={"layers": ("mid",), "skip": "block"}, perturbation=_autoguidance_perturbation, perturbs="uncond",
+    guider_config=_autoguidance_config,
+    combine=lambda x, p, state, step: ops.cfg(x["cond"], x["uncond"], p["scale"], rescale=p["rescale"],
+                                              original=p["original"])))
+
+
 # --- multi-branch methods (ComfyUI's guiders, two-model guidance) --------------------------------------
 def _no_original(name, p):
     if p["original"]:
@@ -384,7 +442,9 @@ register(Method(
     name="dual_cfg", summary="dual CFG over cond / middle / uncond (InstructPix2Pix text + image guidance)",
     peer="ComfyUI DualCFGGuider (regular / nested); diffusers StableDiffusionInstructPix2PixPipeline",
     branches=("cond", "middle", "uncond"), scale_params=("scale", "middle_scale"),
-    params={"scale": None, "middle_scale": 1.5, "nested": False, **COMMON}, example={"middle_scale": 1.5},
+    # middle_prompt: enable's second condition on SD / SDXL (ComfyUI's cond2); InstructPix2Pix's is its image
+    params={"scale": None, "middle_scale": 1.5, "nested": False, "middle_prompt": None, **COMMON},
+    prompts={"middle": "middle_prompt"}, example={"middle_scale": 1.5},
     combine=_dual_cfg))
 
 
@@ -398,8 +458,9 @@ register(Method(
     name="perp_neg", summary="Perp-Neg: the negative prompt's direction perpendicular to the positive one",
     peer="ComfyUI PerpNegGuider (batch-wide projection; per_sample=True projects each sample)",
     branches=("cond", "uncond", "empty"), scale_params=("scale", "neg_scale"),
-    params={"scale": None, "neg_scale": 1.0, "per_sample": False, **COMMON}, example={"neg_scale": 1.0},
-    combine=_perp_neg))
+    # empty_prompt: what enable encodes for the empty branch (ComfyUI's empty_conditioning: the prompt "")
+    params={"scale": None, "neg_scale": 1.0, "per_sample": False, "empty_prompt": "", **COMMON},
+    prompts={"empty": "empty_prompt"}, example={"neg_scale": 1.0}, combine=_perp_neg))
 
 register(Method(
     name="weak_model", summary="autoguidance with a separate weak model: weak + scale (cond - weak)",

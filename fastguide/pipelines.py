@@ -11,7 +11,9 @@ untouched. Nothing in diffusers is edited. Each step's combine and its AG / inte
 from the method's `fastguide.diffusers` twin guider, driven through the guider protocol (set_state,
 prepare_inputs, forward): the same object and code as the modular route. For PAG the wrapper appends the conditional rows again to every
 batched input ([uncond, cond, cond]) and the chosen layers get `SwitchedPerturbation`s: identity attention (PAG; SEG: blurred queries) on
-the extra rows only during the calls of pipelines that asked for it.
+the extra rows only during the calls of pipelines that asked for it. Methods with an extra prompt branch (Perp-Neg's
+empty prompt, dual CFG's middle prompt) get [uncond, cond, extra] the same way, the extra rows carrying that
+prompt's embeddings (encoded per call by the pipeline's own text encoder(s)).
 
 Pipelines that call the denoiser once per branch (`cache_context("cond")`, then `("uncond")`, then their own
 combine and `scheduler.step`) get fastguide's guided prediction at `scheduler.step` instead of their combine
@@ -42,7 +44,7 @@ from typing import Callable, Optional
 import torch
 
 from . import methods, ops
-from .attention import IdentityPAGProcessor, SwitchedPerturbation, select_layers
+from .attention import IdentityPAGProcessor
 
 
 @dataclass(frozen=True)
@@ -172,6 +174,25 @@ def _sd3_layout(state, bound):
 def _ip2p_layout(state, bound):
     """InstructPix2Pix: [text, image, uncond] (cond, middle, uncond) while its guidance is on."""
     return "ip2p" if state.pipe.do_classifier_free_guidance else None
+
+
+# The pipelines on which enable builds a method's extra prompt branches (dual CFG's middle, Perp-Neg's empty:
+# `Method.prompts`), by kind: their `encode_prompt` encodes the prompt, their UNet takes it as encoder_hidden_states
+# (SDXL: and its pooled embeddings as added_cond_kwargs["text_embeds"]).
+_PROMPT_PIPELINES = {
+    "sd": ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"),
+    "sdxl": ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")}
+
+
+def _prompt_kind(pipe, layout):
+    """"sd" / "sdxl" for a pipeline whose [uncond, cond] call enable extends by extra prompt rows, else None."""
+    if layout is not _cfg_layout:
+        return None
+    import diffusers as d
+    for kind, names in _PROMPT_PIPELINES.items():
+        if isinstance(pipe, tuple(getattr(d, n) for n in names if hasattr(d, n))):
+            return kind
+    return None
 
 
 # Scales a layout takes from the pipeline when the method's setting is None: name -> pipeline property.
@@ -310,7 +331,7 @@ class _Hook:
         self.signature = inspect.signature(self.original)
         # Weak references: the module must not keep a dropped pipeline (its VAE, text encoders) alive.
         self.users = []
-        self.pag_saved = {}  # layer name -> the processor its SwitchedPerturbation replaced
+        self.pag_saved = {}  # (perturbation kind, layer name) -> the function that undoes its switch
 
         def forward(*args, **kwargs):
             state = _ACTIVE.get()
@@ -372,19 +393,23 @@ class _Hook:
                     self.module.cache_context = self.saved_cache_context
 
     def _sync_pag(self):
-        """Gated processors on exactly the layers some user perturbs; the others get their processor back."""
-        wanted = set().union(*(u.pag_layers for u in self.live_users()))
+        """Switched layers on exactly the layers some user perturbs, each switched the way its perturbation's kind
+        says (SwitchedPerturbation processors for PAG / SEG, wrapped forwards for autoguidance's layer skipping);
+        the others are put back."""
+        wanted = {}
+        for user in self.live_users():
+            for key in user.pag_layers:
+                wanted.setdefault(key, user.perturbation)
         modules = dict(self.module.named_modules())
-        for name in sorted(wanted - set(self.pag_saved)):
-            self.pag_saved[name] = modules[name].processor
-            modules[name].set_processor(SwitchedPerturbation(self._select(name), self.pag_saved[name]))
-        for name in sorted(set(self.pag_saved) - wanted):
-            modules[name].set_processor(self.pag_saved.pop(name))
+        for key in sorted(set(wanted) - set(self.pag_saved)):
+            self.pag_saved[key] = wanted[key].switch(modules[key[1]], self._select(key))
+        for key in sorted(set(self.pag_saved) - set(wanted), reverse=True):  # undo in the reverse order
+            self.pag_saved.pop(key)()
 
-    def _select(self, name):
+    def _select(self, key):
         def select():
             state = _ACTIVE.get()
-            if state is None or not state.uses(self) or name not in state.pag_layers:
+            if state is None or not state.uses(self) or key not in state.pag_layers:
                 return None
             return state.perturbation  # the running pipeline's: PAG's identity attention, SEG's blur, ...
         return select
@@ -444,6 +469,11 @@ class _Guidance:
         adaptive, interval, linear_ag = check_policy("fastguide.enable", adaptive, interval, linear_ag)
         self.pipe, self.layout, self.guidance = pipe, layout, guidance
         self.params = self.method.check_params(params, "fastguide.enable")
+        # Extra prompt branches (dual CFG's middle, Perp-Neg's empty): branch -> prompt or embeddings, checked here;
+        # begin() encodes them for each call (extra_embeds: branch -> (embeddings, SDXL's pooled or None)).
+        self.prompt_kind = _prompt_kind(pipe, layout)
+        self.extra_prompts = self._check_prompts(pipe, layout)
+        self.extra_embeds = {}
         policy = adaptive is not None or interval is not None or linear_ag is not None
         twin = self._twin()
         if policy and not (self.method.can_skip_uncond or twin is not None):
@@ -507,13 +537,61 @@ class _Guidance:
                                  f"second model (e.g. an earlier checkpoint, or the reference model)")
         return dict(given)
 
+    def _check_prompts(self, pipe, layout):
+        """enable's prompt parameters (`Method.prompts`: dual CFG's middle_prompt, Perp-Neg's empty_prompt) as
+        {branch: a str, a list of str (one per prompt) or embeddings}, checked before anything changes."""
+        m, name, where = self.method, type(pipe).__name__, "fastguide.enable"
+        given = {b: self.params[p] for b, p in m.prompts.items()}
+        if layout is _ip2p_layout:  # its middle branch is the image condition, in the pipeline's own batch
+            set_ = [m.prompts[b] for b, v in given.items() if v is not None]
+            if set_:
+                raise ValueError(f"{where}: {name}'s middle branch is its image condition; {set_[0]}= does not apply "
+                                 f"there (leave it unset)")
+            return {}
+        if not given:
+            return {}
+        if self.prompt_kind is None:
+            names = ", ".join(n for group in _PROMPT_PIPELINES.values() for n in group)
+            raise ValueError(f"{where}: guidance={m.name!r} needs the {' and '.join(repr(b) for b in given)} prompt "
+                             f"branch, which enable builds on {names} (and subclasses), not on {name}: run it with "
+                             f"fastguide.diffusers.MultiBranchGuidance(method={m.name!r}, ...) as the guider of a "
+                             f"modular pipeline (or of a pipeline that takes a guider), or call fastguide.ops directly")
+        sdxl = self.prompt_kind == "sdxl"
+        hint = ("(prompt_embeds [n, seq, dim], pooled_prompt_embeds [n, dim]), a tuple of two float tensors" if sdxl
+                else "a float tensor [n, seq, dim] like prompt_embeds")
+        for branch, value in given.items():
+            param = m.prompts[branch]
+            if value is None:
+                raise ValueError(f"{where}: guidance={m.name!r} on {name} needs {param}=..., the prompt of its "
+                                 f"{branch!r} branch ({methods.PROMPT_BRANCHES[branch]}): e.g. enable(pipe, "
+                                 f"guidance={m.name!r}, {param}='a photo'); a list gives one per prompt, or pass its "
+                                 f"embeddings, {hint}")
+            if isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+                encoder = ("tokenizer_2", "text_encoder_2") if sdxl else ("tokenizer", "text_encoder")
+                missing = [a for a in encoder if getattr(pipe, a, None) is None]
+                if missing:
+                    raise ValueError(f"{where}: guidance={m.name!r} encodes {param}={value!r} with the pipeline's text "
+                                     f"encoder, and {name} has {missing[0]}=None: build the pipeline with it, or pass "
+                                     f"{param}= as embeddings, {hint}")
+                continue
+            tensors = value if sdxl and isinstance(value, tuple) and len(value) == 2 else (value,)
+            if not (all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in tensors)
+                    and [t.dim() for t in tensors] == ([3, 2] if sdxl else [3])
+                    and tensors[0].shape[0] == tensors[-1].shape[0]):
+                got = (tuple(f"{type(t).__name__}{list(t.shape) if isinstance(t, torch.Tensor) else ''}" for t in value)
+                       if isinstance(value, (tuple, list)) else
+                       f"{type(value).__name__}{list(value.shape) if isinstance(value, torch.Tensor) else ''}")
+                raise ValueError(f"{where}: {param} must be a str, a non-empty list of str (one per prompt) or its "
+                                 f"embeddings on {name}, {hint}; got {got}")
+        return given
+
     def _twin(self):
         """The method's fastguide.diffusers guider class when enable can drive it: a cond / uncond guider with
         at most a `scale` that is a number (a schedule or a per-sample tensor scale goes through the registry
         combine, which takes them)."""
         m = self.method
-        if m.twin is None or m.guider_config is None or m.branches != ("cond", "uncond"):
-            return None
+        if m.twin is None or m.guider_config is None or m.branches != ("cond", "uncond") or m.perturbation is not None:
+            return None  # (a perturbation's layers are enable's own: the registry combine runs the step)
         if m.scale_params not in ((), ("scale",)):
             return None
         if m.scale_params and not (self.params["scale"] is None or isinstance(self.params["scale"], (int, float))):
@@ -554,6 +632,7 @@ class _Guidance:
                 and self.call["num_inference_steps"] != self.linear_ag.num_inference_steps):
             raise ValueError(f"fastguide LinearAG: calibrated for {self.linear_ag.num_inference_steps} steps, the "
                              f"pipeline is called with num_inference_steps={self.call['num_inference_steps']}")
+        self.extra_embeds = self._encode_prompts() if self.extra_prompts else {}
         self.step, self.last_t, self.last, self.rows = -1, None, None, None
         self.pending = self.guided_out = None
         self.report = Report()
@@ -621,7 +700,11 @@ class _Guidance:
         c = self.pred_channels
         part = (lambda v: v[:, :c].contiguous() if v is not None else None) if c is not None else (lambda v: v)  # noqa: E731
         self.guider._sample = part(x) if x is not None and c is not None and x.shape[1] != c else x
-        pred = self.guider.forward(part(cond), part(uncond))["pred"]  # (not .pred: lost under torch.compile)
+        # ["pred"], not .pred: under a compiled denoiser (this runs inside its forward, so dynamo compiles the
+        # guider's forward as a frame of its own) dynamo hands back the GuiderOutput rebuilt from its dict entries
+        # only, without the dataclass attributes: `.pred` raises AttributeError (torch 2.13, diffusers 0.42;
+        # test_pipelines.test_works_with_torch_compile_of_the_denoiser runs this route).
+        pred = self.guider.forward(part(cond), part(uncond))["pred"]
         skip = self.guider._skip
         if skip is not None:
             self.report.ag_switch_step = list(skip.report.ag_switch_step)
@@ -692,6 +775,8 @@ class _Guidance:
             return self._perturbed_call(forward, bound)
         if self.method.models:
             return self._models_call(forward, bound)
+        if self.extra_prompts:
+            return self._prompt_call(forward, bound)
         return self._cfg_call(forward, bound)
 
     def _models_call(self, forward, bound):
@@ -721,6 +806,79 @@ class _Guidance:
             preds.update({branch: parts[prompt] for branch, prompt in branches.items()})
         return self._guided(out, preds["cond"], self._combine_preds(preds))
 
+    def _encode_prompts(self):
+        """This call's embeddings of the extra prompt branches, {branch: (embeddings [n, seq, dim], SDXL's pooled
+        [n, dim] or None)}: a prompt is encoded the way the pipeline encodes its own (its text encoder(s), the call's
+        clip_skip and LoRA scale), once per call and per pipeline (nothing is shared with other pipelines on the same
+        modules); n is 1 or the call's number of prompts. Checked against the call before the pipeline does any work."""
+        call, pipe, sdxl = self.call, self.pipe, self.prompt_kind == "sdxl"
+        prompt, given = call.get("prompt"), call.get("prompt_embeds")
+        n_call = (1 if isinstance(prompt, str) else len(prompt) if isinstance(prompt, list)
+                  else given.shape[0] if given is not None else None)
+        out = {}
+        for branch, value in self.extra_prompts.items():
+            param = self.method.prompts[branch]
+            if isinstance(value, torch.Tensor):
+                emb, pooled = value, None
+            elif isinstance(value, tuple):
+                emb, pooled = value
+            else:
+                lora = (call.get("cross_attention_kwargs") or {}).get("scale")
+                with torch.no_grad():
+                    enc = pipe.encode_prompt(prompt=[value] if isinstance(value, str) else list(value),
+                                             device=pipe._execution_device, num_images_per_prompt=1,
+                                             do_classifier_free_guidance=False, lora_scale=lora,
+                                             clip_skip=call.get("clip_skip"))
+                emb, pooled = enc[0], (enc[2] if sdxl else None)
+            if n_call is not None and emb.shape[0] not in (1, n_call):
+                raise ValueError(f"fastguide: {param} holds {emb.shape[0]} prompts, the call {n_call}: give one, or "
+                                 f"one per prompt")
+            for mine, theirs, what in ((emb, given, "prompt_embeds"), (pooled, call.get("pooled_prompt_embeds"),
+                                                                        "pooled_prompt_embeds")):
+                if mine is not None and theirs is not None and mine.shape[1:] != theirs.shape[1:]:
+                    raise ValueError(f"fastguide: {param}'s embeddings are {list(mine.shape)}, the call's {what} "
+                                     f"{list(theirs.shape)}: one denoiser batch needs the same sequence length and "
+                                     f"width (encode both with the same tokenizer length)")
+            out[branch] = (emb, pooled)
+        return out
+
+    def _prompt_call(self, forward, bound):
+        """Extra prompt branches (dual CFG's middle, Perp-Neg's empty): [uncond, cond] -> [uncond, cond, extra...],
+        one forward of (2 + k) B rows. Each extra part is the cond rows of every input batched like the latents
+        (latents, SDXL's time ids) with that prompt's embeddings as encoder_hidden_states (SDXL: its pooled
+        embeddings as added_cond_kwargs["text_embeds"])."""
+        args = bound.arguments
+        batch = args[next(iter(args))].shape[0]
+        half = batch // 2
+        hs = args["encoder_hidden_states"]
+        added = args.get("added_cond_kwargs")
+        branches = [b for b in self.method.branches if b in self.extra_embeds]
+        new = {k: _map_batched(v, batch, lambda t: torch.cat([t] + [t[half:]] * len(branches)))
+               for k, v in args.items()}
+        embs = [self._extra_rows(self.extra_embeds[b][0], hs, half, b) for b in branches]
+        new["encoder_hidden_states"] = torch.cat([hs] + embs)
+        if self.prompt_kind == "sdxl":
+            te = added["text_embeds"]
+            pooled = [self._extra_rows(self.extra_embeds[b][1], te, half, b) for b in branches]
+            new["added_cond_kwargs"] = {**new["added_cond_kwargs"], "text_embeds": torch.cat([te] + pooled)}
+        bound = _rebound(bound, new)
+        out = forward(*bound.args, **bound.kwargs)
+        pred = _prediction(out)
+        self.report.nfe += pred.shape[0]
+        uncond, cond, *extra = pred.split(half)
+        g = self._combine_preds({"cond": cond, "uncond": uncond, **dict(zip(branches, extra))})
+        return self._guided(out, cond, g)
+
+    def _extra_rows(self, value, like, rows, branch):
+        """An extra prompt's [n, ...] embeddings as `rows` rows batched like `like`: each of the n repeated for the
+        rows of its prompt (the pipeline's order: num_images_per_prompt consecutive rows per prompt)."""
+        if value.shape[1:] != like.shape[1:] or rows % value.shape[0]:
+            param = self.method.prompts[branch]
+            raise ValueError(f"fastguide: {param}'s embeddings {list(value.shape)} do not fit the denoiser's "
+                             f"{list(like.shape)} ({rows} samples): same sequence length and width needed (encode it "
+                             f"like the prompt), one entry or one per prompt")
+        return value.to(like.device, like.dtype).repeat_interleave(rows // value.shape[0], 0)
+
     def _cfg_call(self, forward, bound):
         """A [uncond, cond] call: the uncond rows of this step's guided samples only (all, some or none), the
         cond rows of every sample; the guider combines them."""
@@ -730,14 +888,29 @@ class _Guidance:
         rows = self.rows
         if rows is not None:  # uncond rows still needed, then every cond row
             bound = _select_rows(bound, batch, rows + list(range(half, batch)))
-        out = forward(*bound.args, **bound.kwargs)
-        pred = _prediction(out)
         n = half if rows is None else len(rows)
+        with self._perturbing({"uncond": (0, n), "cond": (n, n + half)}.get(self.method.perturbed_branch), n + half):
+            out = forward(*bound.args, **bound.kwargs)
+        pred = _prediction(out)
         self.report.nfe += n + half
         self.report.nfe_skipped += half - n
         cond = pred[n:]
         g = self._run_guider(cond, pred[:n] if n else None, bound.arguments[sample_name][n:])
         return self._guided(out, cond, g)
+
+    @contextlib.contextmanager
+    def _perturbing(self, span, batch):
+        """While the denoiser call runs: the perturbation acts on its rows span = (start, stop) of `batch` (a
+        method perturbing a branch of the pipeline's own batch, autoguidance's uncond rows); none when span is
+        None."""
+        if span is None:
+            yield
+            return
+        self.perturbation.rows = (*span, batch)
+        try:
+            yield
+        finally:
+            self.perturbation.rows = None
 
     def _perturbed_call(self, forward, bound):
         """PAG: [uncond, cond] -> [uncond, cond, cond], every input batched like the latents gets its cond half
@@ -985,7 +1158,9 @@ def enable(pipe, guidance="cfg", *, adaptive=None, interval=None, linear_ag=None
     guidance: "cfg" (scale, rescale, original), "apg" (scale, eta, norm_threshold, momentum, norm_dim,
     rescale, original), "pag" (scale, pag_scale, layers, rescale, original), "cfg_zero_star" (scale,
     zero_init_steps, rescale, original), "frequency" (scale_low, scale_high, method, cutoff, size, rescale,
-    original), "fdg" (scales, parallel_weights, rescale, original). A scale left as None follows the
+    original), "fdg" (scales, parallel_weights, rescale, original), "autoguidance" (scale, layers, skip, dropout,
+    rescale, original: diffusers' AutoGuidance, `layers` skipped on the uncond rows of the one forward; see
+    fastguide.attention.LayerSkip), and the rest of fastguide.METHODS. A scale left as None follows the
     pipeline call's guidance_scale; a callable `f(step, timestep)` is a per-step schedule (step: the index
     into num_inference_steps; both evaluations of a second-order step share it).
     adaptive=fastguide.AG(threshold): Adaptive Guidance, per sample. interval=(sigma_lo, sigma_hi):
@@ -995,6 +1170,12 @@ def enable(pipe, guidance="cfg", *, adaptive=None, interval=None, linear_ag=None
     models={key: module}: the second models of a method whose branches come from another model
     (guidance="rlg": models={"ref": base_unet}; guidance="weak_model": models={"weak": early_unet}); each runs
     on the same (sliced) call arguments as the pipeline's denoiser, one forward per step.
+    Extra prompt branches (StableDiffusion / StableDiffusionXL pipelines and their img2img / inpaint variants):
+    guidance="perp_neg" (scale, neg_scale, per_sample, empty_prompt="") and guidance="dual_cfg" (scale,
+    middle_scale, nested, middle_prompt: required, ComfyUI DualCFGGuider's second condition) encode that prompt
+    with the pipeline's text encoder(s) at each call (a list: one per prompt; or its embeddings, SDXL (embeddings,
+    pooled)) and run [uncond, cond, extra] as one forward of 3B rows. On StableDiffusionInstructPix2PixPipeline
+    dual_cfg's middle is the image condition of its own [text, image, uncond] batch (no middle_prompt).
     batch_branches: pipelines that call the denoiser once per branch (Flux true CFG, QwenImage, Wan,
     HunyuanVideo) get both branches in one forward of 2B rows where the two calls' arguments allow it
     (`pipe.fastguide_report.branch_batched` counts those steps); False runs them as two calls, as stock.
@@ -1024,6 +1205,10 @@ def enable(pipe, guidance="cfg", *, adaptive=None, interval=None, linear_ag=None
             raise ValueError(f"fastguide.enable: guidance={guidance!r} needs a perturbed branch; {name} calls its "
                              f"denoiser once per branch (cond, uncond) and has none. Use a two-branch method: "
                              f"{sorted(m.name for m in methods.METHODS.values() if m.branches == ('cond', 'uncond'))}")
+        if state.method.perturbed_branch is not None:
+            raise ValueError(f"fastguide.enable: guidance={guidance!r} perturbs the {state.method.perturbed_branch} rows "
+                             f"of the batch; {name} calls its denoiser once per branch, which is not supported yet: "
+                             f"use a pipeline that batches [uncond, cond] (SD, SDXL, SD3, PixArt)")
         if state.method.models:
             raise ValueError(f"fastguide.enable: guidance={guidance!r} (a second model's branches) on {name}, which "
                              f"calls its denoiser once per branch, is not supported yet; use a pipeline that batches "
@@ -1036,15 +1221,24 @@ def enable(pipe, guidance="cfg", *, adaptive=None, interval=None, linear_ag=None
     if not isinstance(batch_branches, bool):
         raise TypeError(f"fastguide.enable: batch_branches must be True or False, got {batch_branches!r}")
     state.batch_branches = batch_branches
-    if "perturbed" in state.method.branches:  # validates the layer specs; nothing is changed yet
-        state.pag_layers = frozenset(select_layers(denoiser, list(state.params["layers"])))
+    if state.method.perturbed_branch is not None:  # validates the settings and layer specs; nothing is changed yet
         make = state.method.perturbation
         state.perturbation = make(state.params) if make is not None else IdentityPAGProcessor(chunks=3)
+        kind = state.perturbation.kind
+        state.pag_layers = frozenset((kind, name) for name in state.perturbation.layers(denoiser, state.params["layers"]))
+        if linear_ag is not None and state.method.perturbed_branch in ("cond", "uncond"):
+            raise ValueError(f"fastguide.enable: linear_ag with guidance={guidance!r}: LinearAG predicts the plain "
+                             f"model's uncond pass (calibrate_linear_ag runs CFG), this method's "
+                             f"{state.method.perturbed_branch} rows run the perturbed model; use adaptive= or interval=")
     if group is not False:
-        if layout is _pag_layout or "perturbed" in state.method.branches:
-            raise ValueError("fastguide.enable: parallel=... with PAG on a classic pipeline is not supported (its "
-                             "perturbed attention needs the whole [uncond, cond, perturbed] batch in one call); use "
-                             "fastguide.diffusers.PerturbedAttentionGuidance with fastguide.parallel.distribute")
+        if state.extra_prompts:
+            raise ValueError(f"fastguide.enable: parallel=... with guidance={guidance!r}'s extra prompt branch on a "
+                             f"classic pipeline is not supported yet; use fastguide.diffusers.MultiBranchGuidance with "
+                             f"fastguide.parallel.distribute")
+        if layout is _pag_layout or state.method.perturbed_branch is not None:
+            raise ValueError(f"fastguide.enable: parallel=... with guidance={guidance!r} on a classic pipeline is not "
+                             f"supported (its perturbed rows need the whole batch in one call); use its "
+                             f"fastguide.diffusers guider with fastguide.parallel.distribute")
         from .parallel import RowSplit
         state.parallel = RowSplit(group)
     config = getattr(denoiser, "config", None)
@@ -1105,8 +1299,11 @@ def _enable_guider(pipe, guidance, params, adaptive, interval, linear_ag, models
             usable = sorted(m.name for m in methods.METHODS.values() if m.guider_config is not None)
             raise ValueError(f"{where}: adaptive/interval/linear_ag need a twin guider; guidance={guidance!r} has none, "
                              f"use one of {usable}")
-        rest = {k: v for k, v in p.items() if k != "scale" and v != method.params[k]}
-        kw = {"guidance_scale": p["scale"]} if p.get("scale") is not None else {}
+        # a number `scale` becomes the guider's guidance_scale (a float in its config); a tensor one (per-sample)
+        # stays a combine parameter, which takes tensors
+        tensor_scale = isinstance(p.get("scale"), torch.Tensor)
+        rest = {k: v for k, v in p.items() if (k != "scale" or tensor_scale) and not _is_default(v, method.params[k])}
+        kw = {"guidance_scale": p["scale"]} if p.get("scale") is not None and not tensor_scale else {}
         guider = fgd.MultiBranchGuidance(method=guidance, params=rest, models=models, **kw)  # validates models
         return _install_guider(pipe, guider)
     if models is not None:
@@ -1115,6 +1312,10 @@ def _enable_guider(pipe, guidance, params, adaptive, interval, linear_ag, models
     if schedules:
         raise ValueError(f"{where}: per-step schedules ({schedules}) need the classic route; a guider's scales are "
                          f"numbers (its start/stop window limits the steps)")
+    tensors = sorted(k for k, v in p.items() if isinstance(v, torch.Tensor) and v.dim() > 0)
+    if tensors:
+        raise ValueError(f"{where}: guidance={guidance!r} runs as fastguide.diffusers.{method.twin} here, whose "
+                         f"config takes numbers: per-sample tensor parameters {tensors} cannot be honoured (pass floats)")
     if "perturbed" in method.branches:
         raise ValueError(f"{where}: guidance={guidance!r} needs the layers to perturb, which depend on the model: "
                          f"build fastguide.diffusers.{method.twin}(perturbed_guidance_config=...) and pass it as the "
@@ -1125,6 +1326,14 @@ def _enable_guider(pipe, guidance, params, adaptive, interval, linear_ag, models
         policy["scheduler"] = pipe.scheduler  # x0 estimates and sigmas come from the pipeline's noise schedule
     guider = getattr(fgd, method.twin)(**method.guider_config(p), **policy)  # validates before anything changes
     return _install_guider(pipe, guider)
+
+
+def _is_default(value, default):
+    """Whether a parameter still has the method's default. A tensor (a per-sample scale) never counts as one:
+    `==` on it is elementwise (ambiguous in an `if` for more than one element, a host sync for one)."""
+    if isinstance(value, torch.Tensor) or isinstance(default, torch.Tensor):
+        return value is default
+    return value == default
 
 
 def _install_guider(pipe, guider):

@@ -99,6 +99,64 @@ def test_gradcheck_apg(norm_dim, momentum):
     gradcheck(fn, (c, u, s))
 
 
+
+SCALE_KINDS = ["per_sample", "0-d", "float"]
+CHANNEL_SHAPES = [(2, 3, 2, 2), (2, 3)]  # [B, C, positions...]; 2-D: one position per sample
+
+
+def _scale_arg(kind):
+    """The scale as the raw op takes it (scale_t, scale) and the leaves to check (a tensor scale's)."""
+    if kind == "float":
+        return None, 0.8, ()
+    t, = leaves(torch.tensor([0.8, 3.1], dtype=torch.float64) if kind == "per_sample"
+                else torch.tensor(0.8, dtype=torch.float64))
+    return t, 0.0, (t,)
+
+
+def _second_order(kind):
+    """gradgradcheck once per op (it costs several times gradcheck)."""
+    return kind == "per_sample"
+
+
+@pytest.mark.parametrize("kind", SCALE_KINDS)
+@pytest.mark.parametrize("shape", CHANNEL_SHAPES, ids=str)
+def test_gradcheck_cfg_norm(shape, kind):
+    """Both sides of the clamp: u = 0.5 c at sample 0's first position gives g = 0.9 c (its scale is 0.8):
+    f = 1, r's gradient cut; u = 3 c at sample 1's last position gives g = 1.4 c or -3.2 c: f = |c| / |g|."""
+    c, u = (x.detach() for x in rand(shape, n=2))
+    cp, up = c.view(2, shape[1], -1), u.view(2, shape[1], -1)
+    up[0, :, 0], up[1, :, -1] = 0.5 * cp[0, :, 0], 3.0 * cp[1, :, -1]
+    st, s, extra = _scale_arg(kind)
+    sv = (st.detach() if st is not None else torch.tensor(s, dtype=torch.float64)).expand(2).view(2, 1, 1)
+    r = cp.norm(dim=1) / (up + sv * (cp - up)).norm(dim=1)
+    assert r[0, 0] > 1 and r[1, -1] < 1
+    c, u = leaves(c, u)
+    f = torch.ops.fastguide.cfg_norm.default
+    fn = lambda c, u, *t: f(c, u, t[0] if t else None, s, 0.7)  # noqa: E731
+    gradcheck(fn, (c, u, *extra))
+    if _second_order(kind):
+        assert torch.autograd.gradgradcheck(fn, (c, u, *extra))
+
+
+@pytest.mark.parametrize("kind", SCALE_KINDS)
+@pytest.mark.parametrize("shape", CHANNEL_SHAPES, ids=str)
+def test_gradcheck_mahiro_sim(shape, kind):
+    c, u = rand(shape, n=2)
+    st, s, extra = _scale_arg(kind)
+    fn = lambda c, u, *t: torch.ops.fastguide.mahiro_sim.default(c, u, t[0] if t else None, s)  # noqa: E731
+    gradcheck(fn, (c, u, *extra))
+    if _second_order(kind):
+        assert torch.autograd.gradgradcheck(fn, (c, u, *extra))
+
+
+@pytest.mark.parametrize("group_size", [6, 2])
+def test_gradcheck_diff_stats(group_size):
+    """One group per sample (Perp-Neg's use) and several; the sums are quadratic."""
+    r, a, b = rand((2, 3, 2))
+    fn = lambda r, a, b: torch.ops.fastguide.diff_stats.default(r, a, b, group_size)  # noqa: E731
+    gradcheck(fn, (r, a, b))
+    assert torch.autograd.gradgradcheck(fn, (r, a, b))
+
 # --- fp32 gradients equal to the references' ----------------------------------------------------------
 def grads(out, inputs, seed=0):
     w = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
@@ -167,6 +225,105 @@ def test_fp32_cfgpp_and_stats_grads_equal_plain_math():
     assert_grads_close(grads(st.raw, [c, u, x]), grads(ref, [c, u, x]), rtol=1e-4)
 
 
+# --- ComfyUI's methods through the public wrappers: gradients of the node math in float64 -------------
+PRECISIONS = [(torch.float64, 1e-10), (torch.float32, 1e-4)]  # (leaves' dtype, rtol against the fp64 node)
+
+
+def _per_sample_refs(node, inputs, s, n):
+    """The node applied to each sample alone (with that sample's scale), concatenated."""
+    return torch.cat([node(*(x[i:i + 1].double() for x in inputs), s[i].double()) for i in range(n)])
+
+
+@pytest.mark.parametrize("dtype,rtol", PRECISIONS, ids=str)
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_perp_neg_grads_equal_comfyui(dtype, rtol, per_sample):
+    """Through diff_stats' formula and lincomb's; both scales tensors requiring grad."""
+    c, u, e = rand((2, 4, 3, 3), dtype)
+    s, ns = leaves(torch.tensor([5.5, 2.5], dtype=dtype), torch.tensor(1.3, dtype=dtype))
+    ours = ops.perp_neg(c, u, e, s, ns, per_sample=per_sample)
+    node = lambda c, u, e, s: reference.comfy_perp_neg(c, u, e, ns.double(), s)  # noqa: E731
+    ref = (_per_sample_refs(node, (c, u, e), s, 2) if per_sample
+           else node(c.double(), u.double(), e.double(), reference.per_sample(s, c)))
+    inputs = [c, u, e, s, ns]
+    assert_grads_close(grads(ours, inputs), grads(ref.to(dtype), inputs), rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype,rtol", PRECISIONS, ids=str)
+def test_cfg_norm_grads_equal_comfyui(dtype, rtol):
+    """Positions on both sides of the clamp (sample 0's scale 0.6 leaves some |g| < |c|), a position with
+    c = u = 0 and one with c = 0 (torch.norm's zero gradient at 0 on both sides)."""
+    c, u = (x.detach() for x in rand((2, 4, 3, 3), dtype, n=2))
+    c[:, :, 0, 0] = u[:, :, 0, 0] = 0.0
+    c[:, :, 1, 1] = 0.0
+    c, u = leaves(c, u)
+    s, = leaves(torch.tensor([0.6, 4.0], dtype=dtype))
+    ours = ops.cfg_norm(c, u, s, strength=0.7)
+    cd, ud = c.double(), u.double()
+    g = reference.comfy_cfg_function(cd, ud, reference.per_sample(s, c))
+    r = cd.norm(dim=1) / (g.norm(dim=1) + 1e-8)
+    assert (r > 1).any() and ((r < 1) & (r > 0)).any()
+    ref = reference.comfy_cfg_norm(cd, g, 0.7)
+    assert_grads_close(grads(ours, [c, u, s]), grads(ref.to(dtype), [c, u, s]), rtol=rtol)
+
+
+def _comfy_mahiro(c, u, s):
+    return reference.comfy_mahiro(c, u, s, reference.comfy_cfg_function(c, u, s))
+
+
+@pytest.mark.parametrize("dtype,rtol", PRECISIONS, ids=str)
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.parametrize("shape", [(2, 4, 3, 3), (2, 5)], ids=str)
+def test_mahiro_grads_equal_comfyui(shape, dtype, rtol, per_sample):
+    c, u = rand(shape, dtype, n=2)
+    s, = leaves(torch.tensor([3.5, 6.0], dtype=dtype))
+    ours = ops.mahiro(c, u, s, per_sample=per_sample)
+    ref = (_per_sample_refs(_comfy_mahiro, (c, u), s, 2) if per_sample
+           else _comfy_mahiro(c.double(), u.double(), reference.per_sample(s, c)))
+    assert_grads_close(grads(ours, [c, u, s]), grads(ref.to(dtype), [c, u, s]), rtol=rtol)
+
+
+def test_mahiro_grads_finite_at_zero_inputs():
+    """ssqrt(x) = sign(x) sqrt|x| has an infinite derivative at 0, where autograd of ComfyUI's formula gives
+    NaN (for that element, and for the scale's sum). fastguide takes the derivative as 0 there: its gradients
+    equal autograd of the node with an ssqrt whose derivative at 0 is 0, and are finite."""
+    c, u = (x.detach() for x in rand(n=2))
+    u[0, :, 0, 0] = 0.0
+    u[1, 1] = 0.0
+    c, u = leaves(c, u)
+    s, = leaves(torch.tensor([3.5, 6.0], dtype=torch.float64))
+    ours = grads(ops.mahiro(c, u, s), [c, u, s])
+    node = grads(_comfy_mahiro(c, u, reference.per_sample(s, c)), [c, u, s])
+    assert node[1].isnan().sum() == (u == 0).sum() and node[2].isnan().all()
+
+    def ssqrt0(x):
+        nz = x != 0
+        return torch.where(nz, torch.where(nz, x, 1.0).abs().sqrt() * x.sign(), 0.0)
+
+    def mahiro0(c, u, s):
+        sv = s.view(-1, 1, 1, 1)
+        g = u + sv * (c - u)
+        sim = F.cosine_similarity(ssqrt0(sv * u), ssqrt0((sv * c + g) / 2), dim=1, eps=1e-8).mean()
+        k = 2 * (sim + 1)
+        return (k * g + (4 - k) * sv * c) / 4
+
+    assert all(x.isfinite().all() for x in ours)
+    assert_grads_close(ours, grads(mahiro0(c, u, s), [c, u, s]), rtol=1e-10)
+
+
+def test_compile_fullgraph_backward_comfy_methods():
+    torch._dynamo.reset()
+
+    def step(c, u, e, s):
+        return ops.perp_neg(c, u, e, s, 1.2) + ops.cfg_norm(c, u, s) + ops.mahiro(c, u, s)
+
+    c, u, e = rand((2, 3, 4, 4), torch.float32)
+    s, = leaves(torch.tensor([3.0, 5.0]))
+    out = torch.compile(step, fullgraph=True, backend="aot_eager")(c, u, e, s)
+    ref = step(c, u, e, s)
+    torch.testing.assert_close(out, ref)
+    assert_grads_close(grads(out, [c, u, e, s]), grads(ref, [c, u, e, s]), rtol=1e-5)
+
+
 # --- torch.compile, the dispatcher --------------------------------------------------------------------
 def test_compile_fullgraph_backward():
     """AOTAutograd traces the registered formulas into the backward graph (and APG's eager route)."""
@@ -194,6 +351,9 @@ def test_opcheck_with_grad():
     c, u = rand((2, 3, 5, 6), torch.float32, n=2)
     s, = leaves(torch.tensor([2.0, 3.0]))
     torch.library.opcheck(torch.ops.fastguide.cfg.default, (c, u, s, 0.0, 0.7, False))
+    torch.library.opcheck(torch.ops.fastguide.cfg_norm.default, (c, u, s, 0.0, 0.7))
+    torch.library.opcheck(torch.ops.fastguide.mahiro_sim.default, (c, u, s, 0.0))
+    torch.library.opcheck(torch.ops.fastguide.diff_stats.default, (c, u, *leaves(c * 0.5), 30))
 
 
 def test_every_op_has_an_autograd_kernel_and_no_fallback_warning():

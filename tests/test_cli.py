@@ -149,7 +149,8 @@ def test_info_says_where_each_method_runs(capsys):
         for key in m.model_keys:
             assert f"second model ({key!r})" in route and f"models={{{key!r}: ...}}" in route, route
     route = {line.split()[0]: lines[k + 1] for k, line in enumerate(lines) if "[equals:" in line}
-    assert "needs the 'middle' prompt branch" in route["dual_cfg"] and "enable: yes" in route["cfg"]
+    assert "enable: yes with middle_prompt=... (the 'middle' prompt branch" in route["dual_cfg"]
+    assert "enable: yes with empty_prompt='' (default)" in route["perp_neg"] and "enable: yes" in route["cfg"]
 
 
 def test_quiet_hides_profiler_lines_and_warnings_and_sums_them_up(capfd):
@@ -209,8 +210,9 @@ def test_bench_floor_bytes_of_the_new_methods(case, n):
 
 
 def test_every_registered_method_has_a_bench_case():
-    # methods whose combine is another case's op: frequency (fresca / frecas), weak_model (cfg's op), seg (pag's)
-    covered = {"frequency": "fresca", "weak_model": "cfg", "seg": "pag"}
+    # methods whose combine is another case's op: frequency (fresca / frecas), weak_model and autoguidance (cfg's op),
+    # seg (pag's)
+    covered = {"frequency": "fresca", "weak_model": "cfg", "seg": "pag", "autoguidance": "cfg"}
     from fastguide import methods
     assert set(NEW_CASES) <= set(bench.CASES)
     missing = [m for m in methods.METHODS if covered.get(m, m) not in bench.CASES]

@@ -101,7 +101,7 @@ def test_models_are_checked_before_anything_changes():
         fastguide.enable(pipe, guidance="weak_model", models={"weak": pipe.unet})
     with pytest.raises(ValueError, match="takes no models="):
         fastguide.enable(pipe, guidance="cfg", models={"weak": second_unet()})
-    with pytest.raises(ValueError, match="MultiBranchGuidance"):
+    with pytest.raises(ValueError, match="needs middle_prompt="):
         fastguide.enable(pipe, guidance="dual_cfg")
     assert not fastguide.pipelines.is_enabled(pipe)
 

@@ -220,3 +220,31 @@ def test_pixart_sigma_apg_guides_the_prediction_channels_only():
             uncond, cond = pred[:, :4].chunk(2)
             x = sch.step(combine(cond, uncond, None, i, t), t, x).prev_sample
     assert_close(ours, x)
+
+
+def test_guider_pipeline_takes_per_sample_tensor_params_without_a_twin():
+    """A pipeline that takes a guider (the lab's DigitsPipeline): a method without a twin runs as the registry's
+    MultiBranchGuidance, whose combine takes per-sample tensors (parameters and the scale: each sample equals a run
+    with its own floats); a twin guider's config holds numbers: a tensor there is refused before anything changes."""
+    pytest.importorskip("sklearn", reason="the lab needs scikit-learn")
+    from fastguide import lab
+    pipe = lab.pipeline()
+
+    def enabled(guidance, **params):
+        fastguide.enable(pipe, guidance=guidance, **params)
+        try:
+            return pipe(class_labels=[1, 4], num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                        output_type="latent").images
+        finally:
+            fastguide.disable(pipe)
+
+    both = enabled("frequency", cutoff=1, scale_low=torch.tensor([1.0, 0.5]), scale_high=torch.tensor([4.0, 2.0]))
+    for i, (lo, hi) in enumerate(((1.0, 4.0), (0.5, 2.0))):
+        assert_close(both[i], enabled("frequency", cutoff=1, scale_low=lo, scale_high=hi)[i])
+    both = enabled("cfg_norm", scale=torch.tensor([3.0, 5.0]), strength=0.9)
+    for i, s in enumerate((3.0, 5.0)):
+        assert_close(both[i], enabled("cfg_norm", scale=s, strength=0.9)[i])
+    with pytest.raises(ValueError, match=r"runs as fastguide.diffusers.ClassifierFreeGuidance here, whose config takes "
+                                         r"numbers: per-sample tensor parameters \['scale'\] cannot be honoured"):
+        fastguide.enable(pipe, guidance="cfg", scale=torch.tensor([3.0, 5.0]))
+    assert pipe.guider is None and not hasattr(pipe, "fastguide_report")

@@ -42,19 +42,20 @@ def second_unet():
     return unet
 
 
-# enable builds cond / uncond / perturbed from the pipeline's own batch and a second model's branches from
-# models=; methods with a middle / empty prompt run through fastguide.diffusers.MultiBranchGuidance
-# (tests/test_methods_comfy.py)
+# enable builds cond / uncond / perturbed from the pipeline's own batch, a second model's branches from models=
+# and a middle / empty prompt branch by encoding the method's prompt parameter (tests/test_enable_prompts.py)
 @pytest.mark.parametrize("name", sorted(n for n, m in methods.METHODS.items() if m.enable_ready))
 def test_every_method_runs_through_enable(name):
     """Each registered method on a tiny StableDiffusion pipeline with its example settings: runs every
     step, stays finite, and (except plain CFG) changes the result against CFG at the same scale."""
-    pipe = make_sd()
+    from test_enable_prompts import make_sd_text
     method = fastguide.METHODS[name]
+    pipe = make_sd_text() if method.prompts else make_sd()  # a text encoder for the extra prompt
     fastguide.enable(pipe, guidance="cfg")
     cfg = run(pipe, "sd")
     models = {key: second_unet() for key in method.model_keys}  # RLG's reference, autoguidance's weak model
-    fastguide.enable(pipe, guidance=name, **method.example, **({"models": models} if models else {}))
+    prompts = {p: "newer" for p in method.prompts.values() if method.params[p] is None}  # dual CFG's middle_prompt
+    fastguide.enable(pipe, guidance=name, **method.example, **prompts, **({"models": models} if models else {}))
     out = run(pipe, "sd")
     assert pipe.fastguide_report.steps == STEPS and torch.isfinite(out).all()
     rows = len(method.branches)  # one denoiser row per branch and sample (of whichever model)

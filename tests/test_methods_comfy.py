@@ -170,9 +170,9 @@ def test_registry_declares_model_branches():
     rlg, auto = fastguide.METHODS["rlg"], fastguide.METHODS["weak_model"]
     assert rlg.model_keys == ("ref",) and auto.model_keys == ("weak",)
     assert auto.models == {"weak": ("weak", "cond")}
-    for name in ("dual_cfg", "perp_neg"):
-        # enable() builds cond / uncond / perturbed and model branches (models=), not extra prompt branches
-        assert not fastguide.METHODS[name].enable_ready
+    for name, prompt in (("dual_cfg", {"middle": "middle_prompt"}), ("perp_neg", {"empty": "empty_prompt"})):
+        # enable() encodes the extra prompt branch from the method's prompt parameter (tests/test_enable_prompts.py)
+        assert fastguide.METHODS[name].enable_ready and fastguide.METHODS[name].prompts == prompt
     assert rlg.enable_ready and auto.enable_ready  # with enable(..., models={...})
     assert all(fastguide.METHODS[n].enable_ready for n in ("cfg", "apg", "pag", "cfg_zero_star", "frequency", "fdg"))
     base = dict(summary="s", peer="p", params={"scale": None}, combine=lambda *a: None)
@@ -183,7 +183,13 @@ def test_registry_declares_model_branches():
     with pytest.raises(ValueError, match="model branch 'uncond' .* not a prompt branch"):
         methods.register(methods.Method(name="x3", branches=("cond", "uncond"), models={"uncond": ("m", "cond")},
                                         **base))
-    assert not {"x1", "x2", "x3"} & set(fastguide.METHODS)
+    with pytest.raises(ValueError, match="prompt branch 'uncond' of 'x4' must be one of its branches and of "
+                                         "\\('middle', 'empty'\\)"):
+        methods.register(methods.Method(name="x4", prompts={"uncond": "scale"}, **base))
+    with pytest.raises(ValueError, match="prompt branch 'empty' of 'x5' .* map to one of its parameters"):
+        methods.register(methods.Method(name="x5", branches=("cond", "uncond", "empty"), prompts={"empty": "nope"},
+                                        **base))
+    assert not {"x1", "x2", "x3", "x4", "x5"} & set(fastguide.METHODS)
 
 
 @pytest.mark.parametrize("name", ["dual_cfg", "perp_neg", "rlg", "weak_model"])
