@@ -8,9 +8,9 @@ and dispatched by device through the PyTorch dispatcher:
     other  / a missing backend: the plain-PyTorch implementation in _eager.py
            (CompositeExplicitAutograd; backend-specific kernels take precedence over it)
 
-Autograd: every op but apg has a backward formula (_autograd.py, torch.library.register_autograd);
-apg mutates its momentum buffer, so its public wrapper runs the differentiable eager math when a
-gradient is needed. The public wrappers validate their arguments (clear errors before any kernel runs)
+Autograd: every op but apg and guide_weights has a backward formula (_autograd.py,
+torch.library.register_autograd); apg mutates its momentum buffer and guide_weights is a few flops per
+sample, so their callers run the differentiable eager math when a gradient is needed. The public wrappers validate their arguments (clear errors before any kernel runs)
 and turn each scale into the schema's pair `(Tensor? <name>_t, float <name>)`.
 """
 import math
