@@ -251,11 +251,6 @@ register(Method(
 
 # --- the diffusers 0.42 guiders twinned in fastguide.diffusers (MAG, TCFG, APMix, LTX-2) -----------------
 # Each combine is one function here, called by the registry entry and by the twin alike.
-def _per_sample(t, like):
-    """A [B] (or 0-d) tensor broadcast over the non-batch dims of `like`."""
-    return t.reshape(t.shape + (1,) * (like.dim() - t.dim())) if t.dim() else t
-
-
 def _isclose(scale, value):
     """diffusers' `math.isclose(scale, value)` switch; a tensor scale (never read on the host) counts as on."""
     return not isinstance(scale, torch.Tensor) and math.isclose(float(scale), value)
