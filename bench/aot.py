@@ -85,6 +85,7 @@ def guidance_cases(shape, dtype):
     yield "cfg+rescale", g._plan_guide(c, u, None, out, None, 7.5, None, 0.0, 0.7, False, False)
     yield "pag+rescale", g._plan_guide(c, u, p, out, st, 0.0, st, 0.0, 0.7, True, False)
     yield "cfg_zero_star", g._plan_guide(c, u, None, out, st, 0.0, None, 0.0, 0.0, False, True)
+    yield "cfg_momentum", g._plan_guide(c, u, None, out, None, 3.5, None, 0.0, 0.0, False, False, buf=p, momentum=-0.5)
 
 
 def apg_cases(shape, dtype):

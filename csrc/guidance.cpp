@@ -165,9 +165,44 @@ at::Tensor cfg_zero_star_cpu(const at::Tensor& cond, const at::Tensor& uncond,
                    original, true);
 }
 
+// APMix's CFG phase: cfg's output (its one-pass combine, so bitwise equal to cfg without rescale) and
+// buf = (c - u) + momentum * buf in place, in one pass over memory: each 2048-element slice of c and u is
+// read from memory by the combine and again from L1 by the momentum update (5 tensor moves, not 11).
+at::Tensor cfg_momentum_cpu(const at::Tensor& cond_in, const at::Tensor& uncond_in,
+                            const c10::optional<at::Tensor>& scale_t, double scale, bool original, double momentum,
+                            const at::Tensor& buf) {
+  check_inputs("cfg_momentum", cond_in, uncond_in, "uncond");
+  check_inputs("cfg_momentum", cond_in, buf, "momentum_buffer");
+  check_scale("cfg_momentum", scale_t, "scale", cond_in);
+  TORCH_CHECK(buf.is_contiguous(), "fastguide.cfg_momentum: momentum_buffer must be contiguous");
+  const at::Tensor c = cond_in.contiguous(), u = uncond_in.contiguous();
+  at::Tensor out = new_output(c);
+  const int64_t B = c.size(0), N = B == 0 ? 0 : c.numel() / B;
+  if (B == 0 || N == 0) return out;
+  const std::vector<double> s = scale_values(scale_t, scale, B);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "fastguide_cfg_momentum", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const isa::Kernels& K = kernels_for<scalar_t>();
+    const scalar_t *cp = c.const_data_ptr<scalar_t>(), *up = u.const_data_ptr<scalar_t>();
+    scalar_t* bp = buf.mutable_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    const double mu = static_cast<acc_t>(momentum);
+    for_each_sample_run(B, N, [&](int64_t b, int64_t lo, int64_t hi) {
+      const double k[4] = {1.0, static_cast<double>(static_cast<acc_t>(s[b])), 0.0, 1.0};
+      for (int64_t i = lo; i < hi; i += 2048) {
+        const int64_t n = std::min<int64_t>(2048, hi - i);
+        K.combine[0](cp + i, up + i, nullptr, op + i, n, k, original);
+        K.momentum(cp + i, up + i, bp + i, mu, n);
+      }
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastguide, CPU, m) {
+  m.impl("cfg_momentum", &cfg_momentum_cpu);
   m.impl("cfg", &cfg_cpu);
   m.impl("pag", &pag_cpu);
   m.impl("cfg_zero_star", &cfg_zero_star_cpu);

@@ -44,6 +44,8 @@ struct Kernels {
   // apg.cpp pass 2: out = base + s * (k m + pb c), base = u (c when original).
   void (*apg_combine[2])(const void* c, const void* u, const void* buf, void* out, int64_t n, double k, double pb,
                          double s, bool original);  // [momentum]
+  // guidance.cpp cfg_momentum: buf = (c - u) + mu * buf, rounded to the storage type once.
+  void (*momentum)(const void* c, const void* u, void* buf, double mu, int64_t n);
   // apg.cpp guidance_stats: out = {<c,u>, |c|^2, |u|^2, <c,g>, |g|^2} (the last two 0 without g).
   void (*stats[2])(const void* c, const void* u, const void* g, int64_t n, double* out);  // [has g]
   // cfgpp.cpp: out = a x + b (u + lam (c - u)) + cc u.

@@ -8,8 +8,8 @@ derivative does not exist (a clamp's ends, the norm of a zero vector) the formul
 (torch.clamp, torch.norm's 0 at 0); at 0, where autograd of the eager formula gives NaN, mahiro_sim's sign-sqrt
 has derivative 0 (_ssqrt_grad).
 
-`FORMULAS[name] = (setup_context, backward)`. An op with no entry (apg: its schema mutates the momentum
-buffer, which register_autograd refuses) gets an Autograd kernel that raises when a gradient is needed
+`FORMULAS[name] = (setup_context, backward)`. An op with no entry (apg, cfg_momentum: their schemas mutate the
+momentum buffer, which register_autograd refuses) gets an Autograd kernel that raises when a gradient is needed
 (ops.py); the public `fastguide.apg` then routes through the differentiable eager math instead.
 """
 import torch

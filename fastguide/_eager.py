@@ -63,6 +63,16 @@ def cfg_zero_star(cond, uncond, scale_t, scale, rescale, original):
     return guide(cond, uncond, None, scale_t, scale, None, 0.0, rescale, original, True)
 
 
+def cfg_momentum(cond, uncond, scale_t, scale, original, momentum, momentum_buffer):
+    """cfg without rescale, and the momentum buffer = (c - u) + momentum * buffer in place (fp32, fp64 for fp64
+    inputs, rounded once to the buffer's dtype: diffusers' MomentumBuffer.update in fp32)."""
+    out = cfg(cond, uncond, scale_t, scale, 0.0, original)
+    acc = _acc(cond)
+    m = cond.to(acc) - uncond.to(acc)
+    momentum_buffer.copy_((m + momentum * momentum_buffer.to(acc)).detach())  # state: values, never the graph
+    return out
+
+
 def apg(cond, uncond, scale_t, scale, eta, norm_threshold, momentum, momentum_buffer, group_size, original):
     """diffusers' normalized_guidance on contiguous groups of `group_size` elements, in fp32 (fp64 for
     fp64 inputs). Differentiable in cond, uncond and scale_t: `fastguide.apg` runs it when a gradient

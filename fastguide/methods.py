@@ -285,15 +285,6 @@ def tcfg(cond, uncond, scale, *, rescale=0.0, original=False):
     return ops.rescale(out, cond, rescale) if rescale > 0 else out
 
 
-def momentum_update(buffer, cond, uncond, where="apg_mix"):
-    """APG's momentum step alone (running = (c - u) + momentum * running), on a fastguide.MomentumBuffer, in
-    place and validated before anything is written; rounded like diffusers' MomentumBuffer.update."""
-    t, mom, bind = ops._momentum_state(where, None, buffer, cond)
-    t.mul_(mom).add_(cond - uncond)
-    if bind is not None:
-        bind._bind(t)
-
-
 def apg_mix(cond, uncond, scale, apg_scale, apg_on, *, eta=0.0, norm_threshold=10.0, momentum_buffer=None,
             rescale=0.0, original=False):
     """diffusers AdaptiveProjectedMixGuidance (HunyuanImage 2.1) on a step where its CFG is on: APG with
@@ -302,9 +293,22 @@ def apg_mix(cond, uncond, scale, apg_scale, apg_on, *, eta=0.0, norm_threshold=1
     if apg_on:
         return ops.apg(cond, uncond, apg_scale, eta=eta, norm_threshold=max(float(norm_threshold), 0.0),
                        momentum_buffer=momentum_buffer, rescale=rescale, original=original)
-    pred = ops.cfg(cond, uncond, scale, rescale=rescale, original=original)  # validates before the state moves
-    if momentum_buffer is not None:
-        momentum_update(momentum_buffer, cond, uncond)
+    if momentum_buffer is None:
+        return ops.cfg(cond, uncond, scale, rescale=rescale, original=original)
+    ops._check_pair("apg_mix", cond, uncond, "uncond")
+    st, s = ops._scale("apg_mix", "scale", scale, cond)
+    r = ops._rescale("apg_mix", rescale)
+    buf, mom, bind = ops._momentum_state("apg_mix", None, momentum_buffer, cond)  # all validated: now the state moves
+    grad = torch.is_grad_enabled() and (cond.requires_grad or uncond.requires_grad
+                                        or (st is not None and st.requires_grad))
+    if r > 0 or grad:  # rescale needs the output's norm first; a gradient needs the differentiable cfg
+        pred = ops._op["cfg"](cond, uncond, st, s, r, bool(original))
+        # diffusers' MomentumBuffer.update, rounded as it is; the buffer takes the values, never the graph
+        buf.mul_(mom).add_((cond - uncond).detach())
+    else:  # one pass: cfg's output (bitwise) and the update in place, fp32 math (5 tensor moves, not 11)
+        pred = ops._op["cfg_momentum"](cond, uncond, st, s, bool(original), mom, buf)
+    if bind is not None:
+        bind._bind(buf)
     return pred
 
 

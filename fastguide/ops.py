@@ -8,10 +8,11 @@ and dispatched by device through the PyTorch dispatcher:
     other  / a missing backend: the plain-PyTorch implementation in _eager.py
            (CompositeExplicitAutograd; backend-specific kernels take precedence over it)
 
-Autograd: every op but apg and guide_weights has a backward formula (_autograd.py,
-torch.library.register_autograd); apg mutates its momentum buffer and guide_weights is a few flops per
-sample, so their callers run the differentiable eager math when a gradient is needed. The public wrappers validate their arguments (clear errors before any kernel runs)
-and turn each scale into the schema's pair `(Tensor? <name>_t, float <name>)`.
+Autograd: every op but apg, cfg_momentum and guide_weights has a backward formula (_autograd.py,
+torch.library.register_autograd); apg and cfg_momentum mutate a momentum buffer and guide_weights is a few flops
+per sample, so their callers run the differentiable eager math when a gradient is needed. The public wrappers
+validate their arguments (clear errors before any kernel runs) and turn each scale into the schema's pair
+`(Tensor? <name>_t, float <name>)`.
 """
 import math
 import numbers
@@ -32,6 +33,10 @@ SCHEMAS = (
     "pag(Tensor cond, Tensor uncond, Tensor perturbed, Tensor? scale_t, float scale, Tensor? pag_scale_t, "
     "float pag_scale, float rescale, bool original) -> Tensor",
     "cfg_zero_star(Tensor cond, Tensor uncond, Tensor? scale_t, float scale, float rescale, bool original) -> Tensor",
+    # APMix's CFG phase: cfg's output (no rescale) and momentum_buffer = (c - u) + momentum * momentum_buffer
+    # in place, in one pass (no autograd formula: the wrapper takes the eager math when a gradient is needed).
+    "cfg_momentum(Tensor cond, Tensor uncond, Tensor? scale_t, float scale, bool original, float momentum, "
+    "Tensor(a!) momentum_buffer) -> Tensor",
     # apg.cpp: norm groups are contiguous runs of group_size elements (the wrapper permutes).
     "apg(Tensor cond, Tensor uncond, Tensor? scale_t, float scale, float eta, float norm_threshold, "
     "float momentum, Tensor(a!)? momentum_buffer, int group_size, bool original) -> Tensor",
@@ -84,6 +89,7 @@ try:
     from .kernels import weights as _triton_weights
 
     _TRITON = {"cfg": _triton_guidance, "pag": _triton_guidance, "cfg_zero_star": _triton_guidance,
+               "cfg_momentum": _triton_guidance,
                "apg": _triton_apg, "guidance_stats": _triton_apg,
                "frequency_cfg": _triton_frequency, "frequency_split": _triton_frequency,
                "cfgpp_step": _triton_cfgpp, "lincomb": _triton_lincomb, "diff_stats": _triton_lincomb,

@@ -143,9 +143,9 @@ def _finalize(part_ptr, coef_ptr, s1_ptr, s1: tl.float64, s1_stride, s2_ptr, s2:
 
 @triton.jit
 def _combine(c_ptr, u_ptr, p_ptr, out_ptr, coef_ptr, s1_ptr, s1: tl.float64, s1_stride, s2_ptr, s2: tl.float64,
-             s2_stride, N, nblocks,
+             s2_stride, N, nblocks, buf_ptr, momentum: tl.float64,
              HAS_P: tl.constexpr, HAS_S1T: tl.constexpr, HAS_S2T: tl.constexpr, HAS_COEF: tl.constexpr,
-             ORIGINAL: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+             ORIGINAL: tl.constexpr, MOM: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     # One flat grid axis over (sample, block): axis 0 takes 2^31 - 1 programs, axes 1/2 only 65535.
     t = tl.program_id(0).to(tl.int64)
     b = t // nblocks
@@ -155,6 +155,9 @@ def _combine(c_ptr, u_ptr, p_ptr, out_ptr, coef_ptr, s1_ptr, s1: tl.float64, s1_
     t1 = _load_scale(s1_ptr, s1, b, s1_stride, HAS_S1T, ACC)
     c = tl.load(c_ptr + offs, mask=mask, other=0.0).to(ACC)
     u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(ACC)
+    if MOM:  # cfg_momentum: buf = (c - u) + momentum * buf, in the buffer's dtype (diffusers' MomentumBuffer)
+        bv = tl.load(buf_ptr + offs, mask=mask, other=0.0).to(ACC)
+        tl.store(buf_ptr + offs, ((c - u) + scalar(momentum, ACC) * bv).to(buf_ptr.dtype.element_ty), mask=mask)
     if HAS_COEF:
         u = u * tl.load(coef_ptr + b * 2).to(ACC)
     # diffusers' operation order, so that alpha = f = 1 reproduces its fp32 result.
@@ -170,8 +173,10 @@ def _combine(c_ptr, u_ptr, p_ptr, out_ptr, coef_ptr, s1_ptr, s1: tl.float64, s1_
     tl.store(out_ptr + offs, r.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _plan_guide(c, u, p, out, s1_t, s1, s2_t, s2, rescale, original, zero_star, *, block=2048, chunk=4096):
-    """The launches for contiguous c, u (p: perturbed or None) into out; [] for an empty tensor.
+def _plan_guide(c, u, p, out, s1_t, s1, s2_t, s2, rescale, original, zero_star, *, block=2048, chunk=4096,
+                buf=None, momentum=0.0):
+    """The launches for contiguous c, u (p: perturbed or None) into out; [] for an empty tensor. With `buf`
+    (cfg_momentum, no rescale): the combine also updates buf = (c - u) + momentum * buf in place.
 
     Elementwise tiles of 2048 (combine) / 4096 (moments) elements with 16 per thread (4 / 8 warps):
     four 16-byte vectors per input per thread. All grids are 1-D (sample-major), int64 offsets.
@@ -199,9 +204,10 @@ def _plan_guide(c, u, p, out, s1_t, s1, s2_t, s2, rescale, original, zero_star, 
                             dict(HAS_S1T=has1, HAS_S2T=has2, ZERO_STAR=bool(zero_star), ORIGINAL=bool(original),
                                  RESCALE=bool(rescale > 0), ACC=acc, R=min(1024, triton.next_power_of_2(nchunks)))))
     nblocks = triton.cdiv(N, block)
-    plans.append(Launch(_combine, (B * nblocks,), (c, u, p, out, coef, s1p, s1v, s1s, s2p, s2v, s2s, N, nblocks),
+    plans.append(Launch(_combine, (B * nblocks,), (c, u, p, out, coef, s1p, s1v, s1s, s2p, s2v, s2s, N, nblocks,
+                                                   c if buf is None else buf, float(momentum)),
                         dict(HAS_P=has_p, HAS_S1T=has1, HAS_S2T=has2, HAS_COEF=need, ORIGINAL=bool(original),
-                             ACC=acc, BLOCK=block), num_warps=warps_for(block)))
+                             MOM=buf is not None, ACC=acc, BLOCK=block), num_warps=warps_for(block)))
     return plans
 
 
@@ -217,6 +223,14 @@ def guide(cond, uncond, perturbed, s1_t, s1, s2_t, s2, rescale, original, zero_s
 
 def cfg(cond, uncond, scale_t, scale, rescale, original):
     return guide(cond, uncond, None, scale_t, scale, None, 0.0, rescale, original, False)
+
+
+def cfg_momentum(cond, uncond, scale_t, scale, original, momentum, momentum_buffer, *, block=2048):
+    c, u = cond.contiguous(), uncond.contiguous()
+    out = new_output(c)
+    run(_plan_guide(c, u, None, out, scale_t, scale, None, 0.0, 0.0, original, False, block=block,
+                    buf=momentum_buffer, momentum=momentum))
+    return out
 
 
 def pag(cond, uncond, perturbed, scale_t, scale, pag_scale_t, pag_scale, rescale, original):

@@ -7,7 +7,9 @@ from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer as Diff
 from diffusers.guiders.adaptive_projected_guidance import normalized_guidance
 
 import fastguide
+from fastguide import _eager, methods
 from fastguide.kernels import apg as triton_apg
+from fastguide.kernels import guidance as triton_guidance
 from reference import rel_err
 
 SHAPE = (2, 4, 9, 11)
@@ -300,3 +302,109 @@ def test_inductor_fullgraph_with_and_without_momentum():
     for _ in range(3):
         c, u = step_inputs((2, 4, 8, 8))
         assert rel_err(with_momentum(c, u), normalized_guidance(c, u, 5.0, theirs).double()) <= 1e-6
+
+
+# --- APMix's CFG phase: cfg's output and the momentum update in one pass (cfg_momentum) ------------------------
+def _cfg_phase(c, u, scale, buf, **kw):
+    return methods.apg_mix(c, u, scale, 10.0, False, momentum_buffer=buf, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(1, 4, 5, 7), (3, 2, 4099)], ids=str)  # batch 1, odd sizes, > one 2048 slice
+@pytest.mark.parametrize("original", [False, True])
+def test_apg_mix_cfg_phase_is_cfg_plus_diffusers_momentum(dtype, shape, original):
+    """Output bitwise fastguide.cfg's; the buffer diffusers' MomentumBuffer.update (bitwise in fp32 / fp64, within
+    one rounding of the float64 reference in fp16 / bf16), over steps with a per-sample scale tensor on one."""
+    ours, theirs = fastguide.MomentumBuffer(-0.5), DiffusersMomentum(-0.5)
+    ref = torch.zeros(shape, dtype=torch.float64)
+    for step in range(3):
+        c, u = step_inputs(shape, dtype)
+        scale = torch.linspace(2.0, 4.0, shape[0], dtype=_eager._acc(c)) if step == 1 else 3.5
+        out = _cfg_phase(c, u, scale, ours, original=original)
+        assert torch.equal(out, fastguide.cfg(c, u, scale, original=original))
+        s64 = scale.double().view(-1, *[1] * (len(shape) - 1)) if torch.is_tensor(scale) else scale
+        out64 = (c.double() if original else u.double()) + s64 * (c.double() - u.double())
+        tol = {torch.float16: 2e-3, torch.bfloat16: 1e-2}.get(dtype, 1e-6)
+        torch.testing.assert_close(out.double(), out64, rtol=tol, atol=tol * out64.abs().max().item())
+        theirs.update(c - u)
+        ref = (c.double() - u.double()) + -0.5 * ref.to(dtype).double()
+        if dtype in (torch.float32, torch.float64):
+            assert torch.equal(ours.running_average, theirs.running_average)
+        else:  # rounded once from fp32 math (diffusers rounds each of its three ops to the half type)
+            torch.testing.assert_close(ours.running_average.double(), ref, rtol=tol, atol=tol)
+        assert ours.running_average.dtype == dtype
+
+
+def test_apg_mix_cfg_phase_non_contiguous_grad_and_rescale_paths_agree():
+    base_c, base_u = step_inputs((4, 2, 6, 9))
+    c, u = base_c.transpose(0, 1)[:, :3], base_u.transpose(0, 1)[:, :3]  # [2, 3, 6, 9] views, not contiguous
+    assert not c.is_contiguous()
+    fused, packed, graded, rescaled = (fastguide.MomentumBuffer(0.75) for _ in range(4))
+    for buf in (fused, packed, graded, rescaled):
+        buf.running_average = torch.full(c.shape, 0.25)
+    out = _cfg_phase(c, u, 5.0, fused)
+    assert torch.equal(out, _cfg_phase(c.contiguous(), u.contiguous(), 5.0, packed))
+    assert torch.equal(fused.running_average, packed.running_average)
+    cg = c.clone().requires_grad_()
+    g_out = _cfg_phase(cg, u, 5.0, graded)  # the differentiable ops, the same values
+    g_out.sum().backward()
+    assert torch.equal(g_out.detach(), out) and cg.grad is not None
+    assert torch.equal(graded.running_average, fused.running_average)
+    r_out = _cfg_phase(c, u, 5.0, rescaled, rescale=0.7)  # rescale: cfg's two-pass op, then the momentum update
+    assert torch.equal(r_out, fastguide.cfg(c, u, 5.0, rescale=0.7))
+    assert torch.equal(rescaled.running_average, fused.running_average)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)
+def test_cfg_momentum_triton_matches_cpp(dtype):
+    """The Triton kernel (interpreted) against the C++ one, blocks of 32 so samples span several blocks + a tail."""
+    c, u = step_inputs((3, 5, 11), dtype)
+    st = torch.tensor([2.0, 3.0, 4.5], dtype=_eager._acc(c))
+    b_cpp, b_tri = torch.randn(c.shape).to(dtype), None
+    b_tri = b_cpp.clone()
+    for original, scale_t in ((False, None), (True, st)):
+        out_cpp = torch.ops.fastguide.cfg_momentum(c, u, scale_t, 6.0, original, -0.5, b_cpp)
+        out_tri = triton_guidance.cfg_momentum(c, u, scale_t, 6.0, original, -0.5, b_tri, block=32)
+        tol = {torch.float16: 1e-3, torch.bfloat16: 8e-3}.get(dtype, 1e-6)
+        torch.testing.assert_close(out_tri, out_cpp, rtol=tol, atol=tol)
+        torch.testing.assert_close(b_tri, b_cpp, rtol=tol, atol=tol)
+
+
+def test_cfg_momentum_failed_call_leaves_the_buffer():
+    c, u = step_inputs((2, 3, 5))
+    buf = torch.ones(c.shape)
+    for args, match in [((c, u[:1], None, 2.0, False, 0.5, buf), "uncond"),
+                        ((c, u, None, 2.0, False, 0.5, torch.ones(2, 3, 4)), "momentum_buffer"),
+                        ((c, u, None, 2.0, False, 0.5, torch.ones(2, 5, 3).transpose(1, 2)), "contiguous"),
+                        ((c, u, torch.ones(3), 2.0, False, 0.5, buf), "scale")]:
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.fastguide.cfg_momentum(*args)
+    assert torch.equal(buf, torch.ones(c.shape))
+    mb = fastguide.MomentumBuffer(0.5)
+    with pytest.raises(ValueError, match="scale"):
+        _cfg_phase(c, u, float("inf"), mb)
+    assert mb.running_average is None  # a failed first call binds nothing
+
+
+def test_cfg_momentum_opcheck():
+    c, u = step_inputs((2, 3, 5, 7))
+    torch.library.opcheck(torch.ops.fastguide.cfg_momentum.default,
+                          (c, u, None, 4.0, False, -0.5, torch.zeros(c.shape)))
+    torch.library.opcheck(torch.ops.fastguide.cfg_momentum.default,
+                          (c, u, torch.tensor([2.0, 3.0]), 0.0, True, 0.75, torch.ones(c.shape)))
+
+
+def test_apg_mix_cfg_phase_inductor_fullgraph():
+    """The in-place update survives functionalisation: compiled steps equal eager steps (buffer included)."""
+    torch._dynamo.reset()
+    compiled_buf, eager_buf = fastguide.MomentumBuffer(-0.5), fastguide.MomentumBuffer(-0.5)
+    compiled_buf.running_average, eager_buf.running_average = torch.zeros(2, 4, 8, 8), torch.zeros(2, 4, 8, 8)
+
+    @torch.compile(fullgraph=True)
+    def step(c, u):
+        return _cfg_phase(c, u, 4.0, compiled_buf)
+
+    for _ in range(3):
+        c, u = step_inputs((2, 4, 8, 8))
+        torch.testing.assert_close(step(c, u), _cfg_phase(c, u, 4.0, eager_buf), rtol=1e-6, atol=1e-6)
+        assert torch.equal(compiled_buf.running_average, eager_buf.running_average)

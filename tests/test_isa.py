@@ -43,6 +43,12 @@ def _apg(c, u, *, original=False):
     return outs + [buf.running_average]
 
 
+def _cfg_momentum(c, u, *, original=False):
+    buf = (c.double() * 0.25 - u.double()).to(c.dtype)  # the running average of earlier steps
+    out = torch.ops.fastguide.cfg_momentum(c, u, None, 6.1, original, -0.5, buf)
+    return [out, buf]
+
+
 # name -> (function of (cond, uncond, third input) returning a tensor or a list, bitwise on every copy)
 CASES = {
     "cfg": (lambda c, u, p: fastguide.cfg(c, u, 7.3), True),
@@ -53,6 +59,8 @@ CASES = {
     "pag_rescale": (lambda c, u, p: fastguide.pag(c, u, p, 7.3, 2.9, rescale=0.7, original=True), False),
     "cfg_zero_star": (lambda c, u, p: fastguide.cfg_zero_star(c, u, 4.2), False),
     "cfg_zero_star_rescale": (lambda c, u, p: fastguide.cfg_zero_star(c, u, 4.2, rescale=0.5), False),
+    "cfg_momentum": (lambda c, u, p: _cfg_momentum(c, u), True),
+    "cfg_momentum_original": (lambda c, u, p: _cfg_momentum(c, u, original=True), True),
     "apg_momentum_threshold": (lambda c, u, p: _apg(c, u), False),
     "apg_original": (lambda c, u, p: _apg(c, u, original=True), False),
     "apg_norm_dim": (lambda c, u, p: fastguide.apg(c, u, 3.0, eta=0.0, norm_dim=-1), False),
@@ -249,7 +257,8 @@ def test_cpp_ops_accept_empty_inputs(dtype):
         assert stats.shape == (2, 7) and stats.dtype == torch.float32 and not stats.any()
     assert op.guidance_stats(c, c, None, 5).shape == (0, 7)
     for out in (op.cfg(c, c, None, 2.0, 0.7, False), op.cfg_zero_star(c, c, None, 2.0, 0.0, False),
-                op.pag(c, c, c, None, 2.0, None, 1.0, 0.5, False), op.cfgpp_step(c, c, c, 1.0, 2.0, 3.0, None, 0.5)):
+                op.pag(c, c, c, None, 2.0, None, 1.0, 0.5, False), op.cfgpp_step(c, c, c, 1.0, 2.0, 3.0, None, 0.5),
+                op.cfg_momentum(c, c, None, 2.0, False, 0.5, buf)):
         assert out.shape == c.shape
     with pytest.raises(RuntimeError, match="group_size must divide 6 elements"):
         op.guidance_stats(torch.ones(2, 3), torch.ones(2, 3), None, 0)
