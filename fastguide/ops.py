@@ -253,6 +253,7 @@ def _rescale(op, rescale):
 _BACKEND_KEYS = {"cpu": torch._C.DispatchKeySet(torch._C.DispatchKey.CPU),
                  "cuda": torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)}
 _SCALARS = frozenset((float, int, bool, type(None)))
+_LIST_SCALARS = frozenset((float,))
 
 
 class _Op:
@@ -274,24 +275,17 @@ class _Op:
         grad = torch.is_grad_enabled()
         device = None
         for a in args:
-            t = type(a)
-            if t is torch.Tensor:
-                if grad and a.requires_grad:
-                    return self.op(*args)
-                if device is None:
-                    device = a.device.type
-            elif t is list:  # lincomb's Tensor[] preds and float[] weights: the same checks per element
-                for x in a:
-                    tx = type(x)
-                    if tx is torch.Tensor:
-                        if grad and x.requires_grad:
-                            return self.op(*args)
-                        if device is None:
-                            device = x.device.type
-                    elif tx is not float:
+            # lincomb's Tensor[] preds and float[] weights: each element checked like an argument (floats only)
+            items, scalars = (a, _LIST_SCALARS) if type(a) is list else ((a,), _SCALARS)
+            for x in items:
+                t = type(x)
+                if t is torch.Tensor:
+                    if grad and x.requires_grad:
                         return self.op(*args)
-            elif t not in _SCALARS:  # a tensor subclass (FakeTensor, Parameter, ...): the full dispatch
-                return self.op(*args)
+                    if device is None:
+                        device = x.device.type
+                elif t not in scalars:  # a tensor subclass (FakeTensor, Parameter, ...): the full dispatch
+                    return self.op(*args)
         keys = _BACKEND_KEYS.get(device)
         if (keys is None or torch._C._are_functorch_transforms_active() or torch._C._len_torch_dispatch_stack()
                 or torch._C._is_torch_function_mode_enabled() or torch._C._autograd._profiler_enabled()):
